@@ -1,0 +1,3 @@
+from mergekit_sigmoid_diff.cli import main
+
+main()

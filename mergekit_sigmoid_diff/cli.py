@@ -1,0 +1,33 @@
+"""``python -m mergekit_sigmoid_diff`` / ``mergekit-sigmoid-diff``: commands that work
+where the import hook cannot (``python -S``, ``python -I``, pipx environments).
+
+    merge RECIPE OUT [mergekit-yaml options]   mergekit-yaml with the methods registered
+    demo [--workdir DIR]                       the main job on tiny models built locally
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args else "--help"
+    if command == "merge":
+        from mergekit_sigmoid_diff.plugin import activate
+
+        activate()
+        from mergekit.scripts import run_yaml
+
+        run_yaml.main.main(args=args, prog_name="mergekit-sigmoid-diff merge")
+    elif command == "demo":
+        from mergekit_sigmoid_diff import demo
+
+        demo.main(args)
+    elif command in ("-h", "--help", "help"):
+        print("usage: python -m mergekit_sigmoid_diff COMMAND ...\n\n" + USAGE)
+    else:
+        sys.exit(f"unknown command {command!r}\n\n{USAGE}")

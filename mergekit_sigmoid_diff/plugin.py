@@ -1,0 +1,109 @@
+"""How this package plugs into mergekit 0.1.5.
+
+- :func:`register` adds the merge methods to mergekit's registry (idempotent).
+- :func:`on_merge` wraps ``mergekit.merge.run_merge`` so that a recipe using one of our
+  methods is checked before any tensor is loaded (:mod:`~mergekit_sigmoid_diff.preflight`).
+- :func:`on_run_yaml` makes ``mergekit-yaml`` print our errors as one line, no traceback.
+
+The lazy import hook calls the ``on_*`` functions when mergekit imports those modules;
+:func:`activate` does all of it at once for the command-line wrapper and for tests.
+Recipes for other merge methods pass through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from types import ModuleType
+from typing import Any, Callable
+
+_WRAPPED = "__mergekit_sigmoid_diff_wrapped__"
+
+
+def merge_methods() -> tuple:
+    """The merge methods this package provides."""
+    from mergekit_sigmoid_diff.method import sigmoid_diff_merge
+
+    return (sigmoid_diff_merge,)
+
+
+def method_names() -> frozenset[str]:
+    return frozenset(m.spec.name for m in merge_methods())
+
+
+def register(registry: ModuleType | None = None) -> None:
+    """Add our methods to mergekit's registry unless they are there already."""
+    if registry is None:
+        from mergekit.merge_methods import registry
+    known = {m.spec.name for m in registry.registered_methods()}
+    for method in merge_methods():
+        if method.spec.name not in known:
+            registry.register(method)
+
+
+def on_registry(module: ModuleType) -> None:
+    register(module)
+
+
+def _wrap_once(module: ModuleType, attribute: str, make: Callable[[Any], Any]) -> None:
+    original = getattr(module, attribute)
+    if getattr(original, _WRAPPED, False):
+        return
+    wrapped = make(original)
+    setattr(wrapped, _WRAPPED, True)
+    setattr(module, attribute, wrapped)
+
+
+def on_merge(module: ModuleType) -> None:
+    def make(run_merge):
+        @functools.wraps(run_merge)
+        def checked_run_merge(merge_config, out_path, options, config_source=None):
+            if merge_config.merge_method in method_names():
+                from mergekit_sigmoid_diff import preflight
+
+                preflight.check_recipe(merge_config)
+            return run_merge(merge_config, out_path, options, config_source=config_source)
+
+        return checked_run_merge
+
+    _wrap_once(module, "run_merge", make)
+
+
+def on_run_yaml(module: ModuleType) -> None:
+    """Report :class:`SigmoidDiffError` as ``Error: <message>`` with exit status 1."""
+
+    def make(callback):
+        @functools.wraps(callback)
+        def main(*args, **kwargs):
+            import click
+
+            from mergekit_sigmoid_diff.errors import SigmoidDiffError
+
+            try:
+                return callback(*args, **kwargs)
+            except SigmoidDiffError as error:
+                if os.environ.get("MERGEKIT_SIGMOID_DIFF_TRACEBACK"):
+                    raise
+                raise click.ClickException(str(error)) from None
+
+        return main
+
+    _wrap_once(module.main, "callback", make)
+    # run_yaml bound run_merge at its import; make sure it calls the checked one.
+    merge = sys.modules.get("mergekit.merge")
+    if merge is not None:
+        on_merge(merge)
+        module.run_merge = merge.run_merge
+
+
+def activate() -> None:
+    """Register and wrap now, importing mergekit (for ``python -S`` and the wrapper)."""
+    import importlib
+
+    for name, callback in (
+        ("mergekit.merge_methods.registry", on_registry),
+        ("mergekit.merge", on_merge),
+        ("mergekit.scripts.run_yaml", on_run_yaml),
+    ):
+        callback(sys.modules.get(name) or importlib.import_module(name))
