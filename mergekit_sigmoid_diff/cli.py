@@ -3,6 +3,8 @@ where the import hook cannot (``python -S``, ``python -I``, pipx environments).
 
     merge RECIPE OUT [mergekit-yaml options]   mergekit-yaml with the methods registered
     demo [--workdir DIR]                       the main job on tiny models built locally
+    inspect RECIPE [--out DIR] [--quiet]       per layer and tensor kind, how much of the donor
+                                               diff a recipe applies (no merge; JSON + heatmap)
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mergekit_sigmoid_diff import demo
 
         demo.main(args)
+    elif command == "inspect":
+        from mergekit_sigmoid_diff import inspection
+
+        inspection.main(args)
     elif command in ("-h", "--help", "help"):
         print("usage: python -m mergekit_sigmoid_diff COMMAND ...\n\n" + USAGE)
     else:

@@ -24,8 +24,9 @@ _WRAPPED = "__mergekit_sigmoid_diff_wrapped__"
 def merge_methods() -> tuple:
     """The merge methods this package provides."""
     from mergekit_sigmoid_diff.method import sigmoid_diff_merge
+    from mergekit_sigmoid_diff.varm import varm_merge
 
-    return (sigmoid_diff_merge,)
+    return (sigmoid_diff_merge, varm_merge)
 
 
 def method_names() -> frozenset[str]:

@@ -1,18 +1,28 @@
-"""Recipe checks that run before mergekit loads any tensor or writes any file.
+"""Checks that run before mergekit loads any tensor or writes any file.
 
-mergekit resolves parameters per tensor while planning and silently ignores names a
-method does not declare; these checks turn every recipe mistake into one
-:class:`SigmoidDiffError` line that names the parameter, model or slice at fault.
+- :func:`check_recipe`: mergekit resolves parameters per tensor while planning and
+  silently ignores names a method does not declare; this turns every recipe mistake
+  into one :class:`SigmoidDiffError` line naming the parameter, model or slice at fault.
+- :func:`check_models`: reads only each model's ``config.json`` and safetensors
+  headers (a few kB per shard) and reports a missing config, a corrupt file, mixed
+  architectures, a tensor missing from a model, or shapes that disagree, naming the
+  tensor and the models, before mergekit starts a merge that would fail midway.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import safetensors
+from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
@@ -23,9 +33,12 @@ Settings = Optional[Mapping[str, Any]]
 def check_recipe(config: MergeConfiguration) -> None:
     """Raise :class:`SigmoidDiffError` for the first problem found in ``config``."""
     method = config.merge_method
-    specs = {p.name: p for p in registry.get(method).spec.parameters}
+    method_spec = registry.get(method).spec
+    specs = {p.name: p for p in method_spec.parameters}
+    has_roles = "role" in specs  # sigmoid_diff: one target and donors; varm: a plain list
     if config.base_model is None:
-        raise SigmoidDiffError(f"{method} needs base_model: the common ancestor of target and donors")
+        merged = "target and donors" if has_roles else "the models it merges"
+        raise SigmoidDiffError(f"{method} needs base_model: the common ancestor of {merged}")
 
     for where, settings, per_model in _parameter_blocks(config):
         for key, setting in (settings or {}).items():
@@ -45,7 +58,10 @@ def check_recipe(config: MergeConfiguration) -> None:
                 _validate(spec, value, where)
 
     for where, base, models in _input_groups(config):
-        _check_roles(where, base, models)
+        if has_roles:
+            _check_roles(where, base, models)
+        else:
+            _check_model_count(method, where, base, models, method_spec.contract.min_non_base or 1)
 
 
 def _validate(spec: ParameterSpec, value: Any, where: str) -> None:
@@ -140,4 +156,13 @@ def _check_roles(where: str, base: Any, models: Sequence[tuple[Any, list[Setting
         raise SigmoidDiffError(
             f"{where} has a target ({targets[0]}) but no donor model: add the model whose "
             "feature you transfer"
+        )
+
+
+def _check_model_count(method: str, where: str, base: Any, models: Sequence[tuple[Any, Any]], minimum: int) -> None:
+    merged = [model for model, _ in models if model != base]
+    if len(merged) < minimum:
+        found = ", ".join(str(m) for m in merged) or "none"
+        raise SigmoidDiffError(
+            f"{method}: {where} needs at least {minimum} models besides base_model (found {found})"
         )

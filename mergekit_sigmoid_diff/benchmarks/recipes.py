@@ -1,0 +1,131 @@
+"""The merges the quality benchmark compares, as mergekit recipes.
+
+Every recipe merges one donor I onto the target T with base B (absolute paths), in
+float32. ``task_arithmetic`` is written as out = T + λ·(I − B): T with weight 1, I with
+weight λ, ``normalize: false``. The sparsifying built-ins keep all of T's diff (density 1)
+and sparsify only the donor's, with ``normalize: false`` so T's diff is not averaged away.
+
+Variants that exist only if another part of the package provides them (``normalize``
+for ``sigmoid_diff``, the ``varm`` method) are looked up in mergekit's registry at run
+time and left out, with a note, when absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Exempt vocabulary tensors and norms from the gate: they take the plain diff (issue 9).
+EXEMPT_VOCAB_AND_NORMS = [
+    {"filter": "embed_tokens", "value": False},
+    {"filter": "lm_head", "value": False},
+    {"filter": "norm", "value": False},
+    {"value": True},
+]
+TA_LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One merge: ``method`` with ``params`` (top level) and per-model parameters.
+
+    ``matched`` marks a sigmoid-family merge whose effective λ gets a task_arithmetic twin.
+    """
+
+    label: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    target_params: dict[str, Any] = field(default_factory=dict)
+    donor_params: dict[str, Any] = field(default_factory=dict)
+    matched: bool = False
+
+
+def recipe(variant: Variant, base: Path, target: Path, donor: Path) -> dict[str, Any]:
+    return {
+        "merge_method": variant.method,
+        "base_model": str(base),
+        "models": [
+            {"model": str(target), "parameters": dict(variant.target_params)},
+            {"model": str(donor), "parameters": dict(variant.donor_params)},
+        ],
+        "parameters": dict(variant.params),
+        "dtype": "float32",
+    }
+
+
+def task_arithmetic(lam: float, label: str | None = None) -> Variant:
+    return Variant(
+        label or f"task_arithmetic λ={lam:g}",
+        "task_arithmetic",
+        {"normalize": False},
+        {"weight": 1.0},
+        {"weight": round(lam, 4)},
+    )
+
+
+def sigmoid(label: str, weight: float = 1.0, **params: Any) -> Variant:
+    return Variant(label, "sigmoid_diff", params, {"role": "target"}, {"weight": weight}, matched=True)
+
+
+def _registered() -> dict[str, Any]:
+    from mergekit_sigmoid_diff import register
+
+    register()
+    from mergekit.merge_methods import registry
+
+    return {m.spec.name: m for m in registry.registered_methods()}
+
+
+def available_variants(quick: bool = False) -> tuple[list[Variant], list[str]]:
+    """The variants to run, and notes on the ones left out."""
+    methods = _registered()
+    notes: list[str] = []
+    gate = EXEMPT_VOCAB_AND_NORMS
+    if quick:
+        return [
+            sigmoid("sigmoid_diff (defaults)"),
+            sigmoid("sigmoid_diff exempt vocab+norms", gate=gate),
+            task_arithmetic(1.0),
+            Variant("ties", "ties", {"normalize": False}, {"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 0.5}),
+        ], notes
+
+    variants = [
+        sigmoid("sigmoid_diff (defaults)"),
+        sigmoid("sigmoid_diff k=6", steepness=6.0),
+        sigmoid("sigmoid_diff k=24", steepness=24.0),
+        sigmoid("sigmoid_diff m=0.3", midpoint=0.3),
+        sigmoid("sigmoid_diff m=0.7", midpoint=0.7),
+        sigmoid("sigmoid_diff w=1.5", weight=1.5),
+        sigmoid("sigmoid_diff exempt vocab+norms", gate=gate),
+        sigmoid("sigmoid_diff exempt, w=1.5", weight=1.5, gate=gate),
+        sigmoid("sigmoid_diff exempt, midpoint by layer 0.3→0.7", gate=gate, midpoint=[0.3, 0.7]),
+    ]
+    sd_params = {p.name: p for p in methods["sigmoid_diff"].spec.parameters}
+    if "normalize" in sd_params:
+        for mode in ("quantile", "rank"):
+            variants.append(sigmoid(f"sigmoid_diff normalize={mode}", normalize=mode))
+            variants.append(sigmoid(f"sigmoid_diff normalize={mode}, exempt", normalize=mode, gate=gate))
+    else:
+        notes.append("sigmoid_diff has no `normalize` parameter in this install: quantile/rank variants not run")
+    if "varm" in methods:
+        varm_params = {p.name for p in methods["varm"].spec.parameters}
+        target_params = {"role": "target"} if "role" in varm_params else {}
+        variants.append(Variant("varm", "varm", {}, target_params, {"weight": 1.0} if "weight" in varm_params else {}, matched=True))
+    else:
+        notes.append("no `varm` merge method registered in this install: not run")
+
+    variants += [task_arithmetic(lam) for lam in TA_LAMBDAS]
+    variants += [
+        Variant("ties d=0.5", "ties", {"normalize": False}, {"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 0.5}),
+        Variant("dare_linear d=0.5", "dare_linear", {}, {"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 0.5}),
+        Variant(
+            "della d=0.5 ε=0.1", "della", {"normalize": False}, {"weight": 1.0, "density": 1.0},
+            {"weight": 1.0, "density": 0.5, "epsilon": 0.1},
+        ),
+        Variant(
+            "breadcrumbs d=0.9 γ=0.01", "breadcrumbs", {}, {"weight": 1.0, "density": 1.0},
+            {"weight": 1.0, "density": 0.9, "gamma": 0.01},
+        ),
+    ]
+    return variants, notes

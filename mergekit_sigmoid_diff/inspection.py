@@ -1,0 +1,435 @@
+"""``inspect``: what a sigmoid_diff recipe would do to each tensor, without merging.
+
+mergekit plans the recipe as for a merge (so every parameter is resolved by mergekit
+itself: gradients over layers with t = layer/(layers − 1) per slice, filters, precedence),
+then its executor streams the inputs one tensor at a time through lazy safetensors reads;
+no whole model is ever held in memory and nothing is written but the report.
+
+Per output tensor, with base B, target T, donors I_j with weights w_j, and the parameters
+mergekit resolved for that tensor:
+
+    D                    = Σ_j w_j (I_j − B)      the donor diff the gate scales
+    f                    = 1 − ratio              :func:`kernel.applied_fraction_` of |T − B|
+                                                  (f = 1 everywhere when ``gate: false``)
+    applied_fraction     = mean(f)                share of each element's diff that goes in
+    weighted_fraction    = Σ f·D² / Σ D²          the same, weighted by the diff's energy; for
+                                                  one donor, w · this is the tensor's λ_eff
+                                                  = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩
+    target_drift_mean/max = mean / max of |T − B| (weight units)
+    donor_diff_mean/max  = mean / max of |D|      (weight units)
+
+Aggregates (per layer × tensor kind, and per kind over the whole model) are element-
+weighted means (Σ numel·value / Σ numel) and maxima of maxima. The kinds are q, k, v, o,
+gate, up, down, input_norm, post_norm per layer and embed, final_norm, lm_head for the
+whole model; other tensors take their module's name. Quantities here are unitless except
+the |T − B| and |D| scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect as pyinspect
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from mergekit_sigmoid_diff import kernel
+from mergekit_sigmoid_diff.errors import SigmoidDiffError
+
+METHOD = "sigmoid_diff"
+
+# module name in the checkpoint -> short kind label (Llama/Mistral/Qwen naming)
+KIND_LABELS = {
+    "embed_tokens": "embed",
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "input_layernorm": "input_norm",
+    "post_attention_layernorm": "post_norm",
+    "lm_head": "lm_head",
+}
+KIND_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_norm", "embed", "final_norm", "lm_head")
+MODEL_ROW = "model"  # heatmap/table row of the tensors outside the layers
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The decoder layer a tensor belongs to (``model.layers.3.…`` → 3), None outside layers."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def tensor_kind(name: str) -> str:
+    """Short label of a tensor's role: ``model.layers.0.self_attn.q_proj.weight`` → ``q``."""
+    parts = name.split(".")
+    module = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") else parts[-1]
+    if module == "norm" and layer_index(name) is None:
+        label = "final_norm"
+    else:
+        label = KIND_LABELS.get(module, module)
+    return f"{label}.bias" if parts[-1] == "bias" else label
+
+
+@dataclass
+class TensorReport:
+    """One output tensor; the fields are defined in the module docstring."""
+
+    name: str
+    layer: Optional[int]
+    kind: str
+    numel: int
+    gate: bool
+    parameters: dict[str, Any]
+    weights: dict[str, float]
+    applied_fraction: float
+    weighted_fraction: Optional[float]  # None when D = 0
+    target_drift_mean: float
+    target_drift_max: float
+    donor_diff_mean: float
+    donor_diff_max: float
+
+
+def kernel_options(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The resolved parameters that :func:`kernel.applied_fraction_` takes (steepness,
+    midpoint, eps, and any option it grows later, such as ``normalize``)."""
+    accepted = {
+        p.name
+        for p in pyinspect.signature(kernel.applied_fraction_).parameters.values()
+        if p.kind == pyinspect.Parameter.KEYWORD_ONLY
+    }
+    return {k: v for k, v in parameters.items() if k in accepted}
+
+
+def tensor_report(
+    name: str,
+    base: torch.Tensor,
+    target: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    parameters: dict[str, Any],
+    donor_names: Sequence[str] = (),
+) -> TensorReport:
+    """Statistics of one tensor under ``parameters`` (``gate`` plus the kernel options).
+
+    Arithmetic in the kernel's compute dtype (float32, float64 if any input is), as in a merge.
+    """
+    dtype = kernel.compute_dtype(base, target, *donors)
+    b = base.to(dtype)
+    diff = torch.zeros_like(b)
+    for donor, weight in zip(donors, weights):
+        diff.add_(donor.to(dtype) - b, alpha=weight)
+    drift = torch.sub(target.to(dtype), b).abs_()
+    drift_mean, drift_max = drift.mean().item(), drift.max().item()
+    gate = bool(parameters.get("gate", True))
+    if gate:
+        fraction = kernel.applied_fraction_(drift, **kernel_options(parameters))
+    else:
+        fraction = drift.fill_(1.0)
+    energy = diff.square()
+    total_energy = energy.sum().item()
+    weighted = energy.mul_(fraction).sum().item() / total_energy if total_energy > 0 else None
+    diff.abs_()
+    return TensorReport(
+        name=name,
+        layer=layer_index(name),
+        kind=tensor_kind(name),
+        numel=b.numel(),
+        gate=gate,
+        parameters={k: v for k, v in parameters.items() if k not in ("role", "weight")},
+        weights=dict(zip(donor_names or [str(j) for j in range(len(donors))], weights)),
+        applied_fraction=fraction.mean().item(),
+        weighted_fraction=weighted,
+        target_drift_mean=drift_mean,
+        target_drift_max=drift_max,
+        donor_diff_mean=diff.mean().item(),
+        donor_diff_max=diff.max().item(),
+    )
+
+
+def load_recipe(path: Path):
+    """Read and validate a mergekit recipe; every failure is one :class:`SigmoidDiffError` line."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SigmoidDiffError(f"recipe {path} not found") from None
+    except yaml.YAMLError as error:
+        raise SigmoidDiffError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    try:
+        config = MergeConfiguration.model_validate(data)
+    except (ValidationError, RuntimeError, ValueError) as error:
+        reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+        raise SigmoidDiffError(f"recipe {path} is not a mergekit recipe: {reason}") from None
+    if config.merge_method != METHOD:
+        raise SigmoidDiffError(
+            f"inspect reads {METHOD} recipes; {path} has merge_method: {config.merge_method}"
+        )
+    return config
+
+
+def _report_task_type():
+    """The mergekit task that turns one planned merge step into a :class:`TensorReport`
+    (defined lazily: importing this module must not import mergekit)."""
+    from mergekit.graph import Task
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    class TensorReportTask(Task[Optional[TensorReport]]):
+        merge: ExecuteMergeMethodTask
+
+        def arguments(self) -> dict[str, Task]:
+            return {"tensors": self.merge.gather_tensors}
+
+        def group_label(self) -> Optional[str]:
+            return self.merge.group_label()
+
+        def uses_accelerator(self) -> bool:
+            return False
+
+        def execute(self, tensors: dict) -> Optional[TensorReport]:
+            merge = self.merge
+            name = merge.output_weight.name
+            base = merge.base_model
+            roles = {m: merge.input_parameters[m]["role"] for m in merge.model_order if m != base}
+            targets = [m for m, r in roles.items() if r == "target"]
+            donors = [m for m, r in roles.items() if r == "donor"]
+            needed = [base, *targets, *donors]
+            if any(m not in tensors for m in needed) or not tensors[base].is_floating_point():
+                return None  # an optional tensor absent from some model, or an integer buffer
+            for model in needed:
+                if not torch.isfinite(tensors[model]).all():
+                    raise SigmoidDiffError(f"inspect: tensor {name} of model {model} contains NaN or Inf")
+            return tensor_report(
+                name,
+                tensors[base],
+                tensors[targets[0]],
+                [tensors[m] for m in donors],
+                [merge.input_parameters[m]["weight"] for m in donors],
+                dict(merge.parameters.items()),
+                donor_names=[str(m) for m in donors],
+            )
+
+    return TensorReportTask
+
+
+def inspect_recipe(recipe: Path, *, quiet: bool = False) -> tuple[list[TensorReport], list[str]]:
+    """Plan ``recipe`` with mergekit and report every output tensor, streaming the inputs.
+
+    Returns the reports in mergekit's output order and the names of the tensors skipped
+    (optional tensors missing from a model; integer buffers).
+    """
+    from mergekit.architecture import get_architecture_info
+    from mergekit.graph import Executor
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    from mergekit_sigmoid_diff import preflight
+    from mergekit_sigmoid_diff.plugin import activate
+
+    activate()
+    config = load_recipe(recipe)
+    preflight.check_recipe(config)  # same one-line errors as mergekit-yaml, before any read
+    options = MergeOptions(quiet=quiet)
+    arch = get_architecture_info(config, options)
+    LoaderCache().setup(options)
+    # the output config fixes the output layer count for slice recipes, as in run_merge
+    out_config = _model_out_config(config, arch, trust_remote_code=options.trust_remote_code)
+    planned = MergePlanner(config, arch, options=options, out_model_config=out_config).plan_in_memory()
+    task_type = _report_task_type()
+    tasks = [task_type(merge=step.tensor_task) for step in planned]
+    results = {
+        task.merge.output_weight.name: report
+        for task, report in Executor(targets=tasks).run(quiet=quiet, desc="Inspecting tensors")
+    }
+    ordered = [results[step.weight_info.name] for step in planned]
+    skipped = [step.weight_info.name for step, r in zip(planned, ordered) if r is None]
+    return [r for r in ordered if r is not None], skipped
+
+
+@dataclass
+class _Cell:
+    numel: int = 0
+    fraction_sum: float = 0.0  # Σ numel · applied_fraction
+    drift_sum: float = 0.0
+    diff_sum: float = 0.0
+    drift_max: float = 0.0
+    diff_max: float = 0.0
+    tensors: int = 0
+
+    def add(self, r: TensorReport) -> None:
+        self.numel += r.numel
+        self.tensors += 1
+        self.fraction_sum += r.numel * r.applied_fraction
+        self.drift_sum += r.numel * r.target_drift_mean
+        self.diff_sum += r.numel * r.donor_diff_mean
+        self.drift_max = max(self.drift_max, r.target_drift_max)
+        self.diff_max = max(self.diff_max, r.donor_diff_max)
+
+
+def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
+    """The layer × kind grid and the per-kind table (element-weighted means)."""
+    present = {r.kind for r in reports}
+    kinds = [k for k in KIND_ORDER if k in present] + sorted(present - set(KIND_ORDER))
+    layers = sorted({r.layer for r in reports if r.layer is not None})
+    rows = [str(i) for i in layers] + ([MODEL_ROW] if any(r.layer is None for r in reports) else [])
+    cells: dict[tuple[str, str], _Cell] = {}
+    by_kind: dict[str, _Cell] = {}
+    for r in reports:
+        row = MODEL_ROW if r.layer is None else str(r.layer)
+        cells.setdefault((row, r.kind), _Cell()).add(r)
+        by_kind.setdefault(r.kind, _Cell()).add(r)
+    grid = [
+        [cells[(row, k)].fraction_sum / cells[(row, k)].numel if (row, k) in cells else None for k in kinds]
+        for row in rows
+    ]
+    table = {
+        k: {
+            "tensors": c.tensors,
+            "numel": c.numel,
+            "applied_fraction": c.fraction_sum / c.numel,
+            "target_drift_mean": c.drift_sum / c.numel,
+            "target_drift_max": c.drift_max,
+            "donor_diff_mean": c.diff_sum / c.numel,
+            "donor_diff_max": c.diff_max,
+        }
+        for k, c in ((k, by_kind[k]) for k in kinds)
+    }
+    total = _Cell()
+    for r in reports:
+        total.add(r)
+    return {
+        "rows": rows,
+        "kinds": kinds,
+        "applied_fraction_grid": grid,
+        "by_kind": table,
+        "applied_fraction_overall": total.fraction_sum / total.numel if total.numel else None,
+    }
+
+
+def format_tables(summary: dict[str, Any]) -> str:
+    """The grid (rows: layers, then ``model``) and the per-kind table as plain text."""
+    kinds = summary["kinds"]
+    width = max(6, *(len(k) for k in kinds)) + 1
+    lines = ["applied fraction 1 − ratio (mean over elements)", "layer".ljust(7) + "".join(k.rjust(width) for k in kinds)]
+    for row, values in zip(summary["rows"], summary["applied_fraction_grid"]):
+        lines.append(row.ljust(7) + "".join(("-" if v is None else f"{v:.3f}").rjust(width) for v in values))
+    lines += ["", "per tensor kind (|T−B| drift of the target, |D| = |Σ w (I−B)| donor diff)"]
+    header = ("kind", "tensors", "applied", "mean|T-B|", "max|T-B|", "mean|D|", "max|D|")
+    lines.append(header[0].ljust(14) + "".join(h.rjust(11) for h in header[1:]))
+    for kind, s in summary["by_kind"].items():
+        values = (
+            f"{s['tensors']}",
+            f"{s['applied_fraction']:.4f}",
+            *(f"{s[key]:.3e}" for key in ("target_drift_mean", "target_drift_max", "donor_diff_mean", "donor_diff_max")),
+        )
+        lines.append(kind.ljust(14) + "".join(v.rjust(11) for v in values))
+    lines.append(f"\noverall applied fraction: {summary['applied_fraction_overall']:.4f}")
+    return "\n".join(lines)
+
+
+def write_heatmap(summary: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Layers × tensor kind image of the applied fraction (grey: no such tensor).
+
+    Uses matplotlib's object API with the Agg canvas: no display, no global backend change.
+    """
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, kinds = summary["rows"], summary["kinds"]
+    values = np.array(
+        [[np.nan if v is None else v for v in row] for row in summary["applied_fraction_grid"]], dtype=float
+    )
+    fig = Figure(figsize=(1.6 + 0.62 * len(kinds), 1.4 + 0.26 * len(rows)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 24 else 8)
+    ax.set_ylabel("layer")
+    if len(rows) * len(kinds) <= 400:  # label the cells while they are big enough to read
+        for i, j in zip(*np.nonzero(~np.isnan(values))):
+            v = values[i, j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="applied fraction 1 − ratio")
+    ax.set_title(title or "sigmoid_diff: mean applied fraction per tensor", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def write_json(
+    recipe: Path, reports: Sequence[TensorReport], skipped: Sequence[str], summary: dict[str, Any], path: Path
+) -> Path:
+    """Everything: definitions, summary, one record per tensor (NaN-free JSON)."""
+    doc = {
+        "recipe": str(recipe),
+        "merge_method": METHOD,
+        "definitions": {
+            "applied_fraction": "mean over the tensor of 1 - ratio (kernel.applied_fraction_ of |T-B|)",
+            "weighted_fraction": "sum(f*D^2)/sum(D^2), D = sum_j w_j (I_j - B); w*this = lambda_eff for one donor",
+            "target_drift_mean/max": "mean/max of |T-B|",
+            "donor_diff_mean/max": "mean/max of |D|",
+            "aggregates": "element-weighted means over tensors; maxima of maxima",
+        },
+        **summary,
+        "tensors": [asdict(r) for r in reports],
+        "skipped": list(skipped),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False))
+    return path
+
+
+def run(recipe: Path, out: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """Inspect, print the tables, write ``inspect.json`` and ``inspect-heatmap.png`` to ``out``."""
+    reports, skipped = inspect_recipe(recipe, quiet=quiet)
+    if not reports:
+        raise SigmoidDiffError(f"inspect: recipe {recipe} planned no floating-point tensor to inspect")
+    summary = summarize(reports)
+    print(format_tables(summary))
+    json_path = write_json(recipe, reports, skipped, summary, Path(out) / "inspect.json")
+    png_path = write_heatmap(summary, Path(out) / "inspect-heatmap.png", title=f"{Path(recipe).name}: applied fraction")
+    print(f"\nwrote {json_path} and {png_path}")
+    return summary
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergekit_sigmoid_diff inspect",
+        description="Report, per layer and tensor kind, how much of the donor diff a sigmoid_diff "
+        "recipe applies, without merging (streams the models tensor by tensor).",
+    )
+    parser.add_argument("recipe", type=Path, help="a mergekit YAML recipe with merge_method: sigmoid_diff")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ./<recipe name>-inspect)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+    out = args.out or Path.cwd() / f"{args.recipe.stem}-inspect"
+    try:
+        run(args.recipe, out, quiet=args.quiet)
+    except SigmoidDiffError as error:
+        if os.environ.get("MERGEKIT_SIGMOID_DIFF_TRACEBACK"):
+            raise
+        sys.exit(f"Error: {error}")
+
+
+__all__ = ["TensorReport", "inspect_recipe", "main", "run", "summarize", "tensor_kind", "tensor_report"]

@@ -1,0 +1,19 @@
+"""Session-scoped tiny models shared by the tests (built once, in temporary folders)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergekit_sigmoid_diff.tiny import build_triple
+
+
+@pytest.fixture(scope="session")
+def triple(tmp_path_factory):
+    """base, target (heavy-tailed drift) and one donor, float32, absolute paths."""
+    return build_triple(tmp_path_factory.mktemp("triple"), seed=0, donors=1)
+
+
+@pytest.fixture(scope="session")
+def triple2(tmp_path_factory):
+    """base, target and two donors, float32."""
+    return build_triple(tmp_path_factory.mktemp("triple2"), seed=10, donors=2)
