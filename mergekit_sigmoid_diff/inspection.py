@@ -17,9 +17,11 @@ mergekit resolved for that tensor:
                                                   = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩
     target_drift_mean/max = mean / max of |T − B| (weight units)
     donor_diff_mean/max  = mean / max of |D|      (weight units)
+    donor_energy         = Σ D²                   (weight units²)
 
 Aggregates (per layer × tensor kind, and per kind over the whole model) are element-
-weighted means (Σ numel·value / Σ numel) and maxima of maxima. The kinds are q, k, v, o,
+weighted means (Σ numel·value / Σ numel), maxima of maxima, and for weighted_fraction the
+energy-weighted mean (Σ donor_energy·value / Σ donor_energy). The kinds are q, k, v, o,
 gate, up, down, input_norm, post_norm per layer and embed, final_norm, lm_head for the
 whole model; other tensors take their module's name. Quantities here are unitless except
 the |T − B| and |D| scales.
@@ -97,6 +99,7 @@ class TensorReport:
     target_drift_max: float
     donor_diff_mean: float
     donor_diff_max: float
+    donor_energy: float
 
 
 def kernel_options(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +125,8 @@ def tensor_report(
     """Statistics of one tensor under ``parameters`` (``gate`` plus the kernel options).
 
     Arithmetic in the kernel's compute dtype (float32, float64 if any input is), as in a merge.
+    Memory beyond the inputs: two full-size buffers (D, and |T − B| turned into f in place)
+    plus one transient diff per donor.
     """
     dtype = kernel.compute_dtype(base, target, *donors)
     b = base.to(dtype)
@@ -129,30 +134,32 @@ def tensor_report(
     for donor, weight in zip(donors, weights):
         diff.add_(donor.to(dtype) - b, alpha=weight)
     drift = torch.sub(target.to(dtype), b).abs_()
+    del b  # an upcast copy of the base is not needed any more
     drift_mean, drift_max = drift.mean().item(), drift.max().item()
     gate = bool(parameters.get("gate", True))
     if gate:
         fraction = kernel.applied_fraction_(drift, **kernel_options(parameters))
     else:
         fraction = drift.fill_(1.0)
-    energy = diff.square()
-    total_energy = energy.sum().item()
-    weighted = energy.mul_(fraction).sum().item() / total_energy if total_energy > 0 else None
+    applied = fraction.mean().item()
+    total_energy = torch.linalg.vector_norm(diff).item() ** 2
+    kept_energy = fraction.mul_(diff).mul_(diff).sum().item()  # f·D², in place
     diff.abs_()
     return TensorReport(
         name=name,
         layer=layer_index(name),
         kind=tensor_kind(name),
-        numel=b.numel(),
+        numel=diff.numel(),
         gate=gate,
         parameters={k: v for k, v in parameters.items() if k not in ("role", "weight")},
         weights=dict(zip(donor_names or [str(j) for j in range(len(donors))], weights)),
-        applied_fraction=fraction.mean().item(),
-        weighted_fraction=weighted,
+        applied_fraction=applied,
+        weighted_fraction=kept_energy / total_energy if total_energy > 0 else None,
         target_drift_mean=drift_mean,
         target_drift_max=drift_max,
         donor_diff_mean=diff.mean().item(),
         donor_diff_max=diff.max().item(),
+        donor_energy=total_energy,
     )
 
 
@@ -232,7 +239,7 @@ def inspect_recipe(recipe: Path, *, quiet: bool = False) -> tuple[list[TensorRep
     """
     from mergekit.architecture import get_architecture_info
     from mergekit.graph import Executor
-    from mergekit.io.tasks import LoaderCache
+    from mergekit.io.tasks import LoaderCache, SaveTensor
     from mergekit.merge import _model_out_config
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
@@ -242,22 +249,27 @@ def inspect_recipe(recipe: Path, *, quiet: bool = False) -> tuple[list[TensorRep
 
     activate()
     config = load_recipe(recipe)
-    preflight.check_recipe(config)  # same one-line errors as mergekit-yaml, before any read
     options = MergeOptions(quiet=quiet)
+    # the same one-line errors as mergekit-yaml, from the recipe and the model headers alone
+    preflight.check_recipe(config)
+    preflight.check_models(config, options)
     arch = get_architecture_info(config, options)
     LoaderCache().setup(options)
     # the output config fixes the output layer count for slice recipes, as in run_merge
     out_config = _model_out_config(config, arch, trust_remote_code=options.trust_remote_code)
-    planned = MergePlanner(config, arch, options=options, out_model_config=out_config).plan_in_memory()
+    # plan_in_memory() fails in mergekit 0.1.5 (its ReturnTensor does not validate), so take
+    # the merge steps from the on-disk plan; its writer tasks are never executed here.
+    planner = MergePlanner(config, arch, options=options, out_model_config=out_config)
+    planned = [t.tensor_task for t in planner.plan_to_disk(out_path=os.devnull) if isinstance(t, SaveTensor)]
     task_type = _report_task_type()
-    tasks = [task_type(merge=step.tensor_task) for step in planned]
     results = {
         task.merge.output_weight.name: report
-        for task, report in Executor(targets=tasks).run(quiet=quiet, desc="Inspecting tensors")
+        for task, report in Executor(targets=[task_type(merge=step) for step in planned]).run(
+            quiet=quiet, desc="Inspecting tensors"
+        )
     }
-    ordered = [results[step.weight_info.name] for step in planned]
-    skipped = [step.weight_info.name for step, r in zip(planned, ordered) if r is None]
-    return [r for r in ordered if r is not None], skipped
+    ordered = [(step.output_weight.name, results[step.output_weight.name]) for step in planned]
+    return [r for _, r in ordered if r is not None], [name for name, r in ordered if r is None]
 
 
 @dataclass
@@ -268,6 +280,8 @@ class _Cell:
     diff_sum: float = 0.0
     drift_max: float = 0.0
     diff_max: float = 0.0
+    energy: float = 0.0
+    kept_energy: float = 0.0  # Σ donor_energy · weighted_fraction
     tensors: int = 0
 
     def add(self, r: TensorReport) -> None:
@@ -278,6 +292,9 @@ class _Cell:
         self.diff_sum += r.numel * r.donor_diff_mean
         self.drift_max = max(self.drift_max, r.target_drift_max)
         self.diff_max = max(self.diff_max, r.donor_diff_max)
+        if r.weighted_fraction is not None:
+            self.energy += r.donor_energy
+            self.kept_energy += r.donor_energy * r.weighted_fraction
 
 
 def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
@@ -301,6 +318,7 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
             "tensors": c.tensors,
             "numel": c.numel,
             "applied_fraction": c.fraction_sum / c.numel,
+            "weighted_fraction": c.kept_energy / c.energy if c.energy > 0 else None,
             "target_drift_mean": c.drift_sum / c.numel,
             "target_drift_max": c.drift_max,
             "donor_diff_mean": c.diff_sum / c.numel,
@@ -327,13 +345,19 @@ def format_tables(summary: dict[str, Any]) -> str:
     lines = ["applied fraction 1 − ratio (mean over elements)", "layer".ljust(7) + "".join(k.rjust(width) for k in kinds)]
     for row, values in zip(summary["rows"], summary["applied_fraction_grid"]):
         lines.append(row.ljust(7) + "".join(("-" if v is None else f"{v:.3f}").rjust(width) for v in values))
-    lines += ["", "per tensor kind (|T−B| drift of the target, |D| = |Σ w (I−B)| donor diff)"]
-    header = ("kind", "tensors", "applied", "mean|T-B|", "max|T-B|", "mean|D|", "max|D|")
+    lines += [
+        "",
+        "per tensor kind: applied = mean(1 − ratio); weighted = Σ(1 − ratio)·D² / Σ D² "
+        "(= λ_eff / w for one donor)",
+        "|T−B| = drift of the target, |D| = |Σ w (I−B)| = the donor diff",
+    ]
+    header = ("kind", "tensors", "applied", "weighted", "mean|T-B|", "max|T-B|", "mean|D|", "max|D|")
     lines.append(header[0].ljust(14) + "".join(h.rjust(11) for h in header[1:]))
     for kind, s in summary["by_kind"].items():
         values = (
             f"{s['tensors']}",
             f"{s['applied_fraction']:.4f}",
+            "-" if s["weighted_fraction"] is None else f"{s['weighted_fraction']:.4f}",
             *(f"{s[key]:.3e}" for key in ("target_drift_mean", "target_drift_max", "donor_diff_mean", "donor_diff_max")),
         )
         lines.append(kind.ljust(14) + "".join(v.rjust(11) for v in values))
@@ -355,7 +379,7 @@ def write_heatmap(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     values = np.array(
         [[np.nan if v is None else v for v in row] for row in summary["applied_fraction_grid"]], dtype=float
     )
-    fig = Figure(figsize=(1.6 + 0.62 * len(kinds), 1.4 + 0.26 * len(rows)), dpi=100)
+    fig = Figure(figsize=(2.2 + 0.62 * len(kinds), 1.9 + 0.26 * len(rows)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
@@ -366,13 +390,12 @@ def write_heatmap(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     if len(rows) * len(kinds) <= 400:  # label the cells while they are big enough to read
         for i, j in zip(*np.nonzero(~np.isnan(values))):
             v = values[i, j]
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
     fig.colorbar(image, ax=ax, label="applied fraction 1 − ratio")
     ax.set_title(title or "sigmoid_diff: mean applied fraction per tensor", fontsize=9)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 

@@ -10,23 +10,67 @@ For one output tensor, with base B, target T and donors I_j with weights w_j:
 ``1 − ratio`` is the *applied fraction*: 1 where the target stayed near the base, → 0
 where it drifted furthest. It is computed as ``sigmoid(−k · (x − m))``, which equals
 ``1 − sigmoid(k · (x − m))`` but does not lose digits to cancellation as ratio → 1.
+``normalize`` chooses how |T − B| becomes x: ``minmax`` above (the default), or the robust
+``quantile`` and ``rank`` options defined in :mod:`mergekit_sigmoid_diff.normalization`.
 
 Reference: StableFluffy/EasyLLMFeaturePorter, ``1-Click.ipynb`` (2024):
 ``sigmoid(normalized_diff * 12 - 6)``, i.e. k = 12, m = 0.5, eps = 1e-6.
 
-Arithmetic is float32 (float64 if any input is float64) whatever the input dtype;
-the result is returned in that compute dtype and the caller casts it.
+Arithmetic is float32 (float64 if any input is float64) whatever the input dtype; the
+result is returned in that compute dtype unless ``out_dtype`` says otherwise.
+
+Memory and speed: the tensor is processed in chunks of CHUNK elements along its flat
+storage, in two passes. Pass 1 reads T and B for min and max of |T − B|; pass 2 computes
+the gate and the output chunk by chunk, writing straight into the output tensor. The
+upcast copies, the drift and the accumulator exist for one chunk at a time (a few MiB,
+kept in cache), so beyond its inputs the kernel holds the output plus O(CHUNK) scratch,
+on the inputs' device.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+
+from mergekit_sigmoid_diff.normalization import (
+    DEFAULT_NORMALIZE,
+    DEFAULT_QUANTILE,
+    NORMALIZATIONS,
+    Gate,
+    check_normalize,
+    make_gate,
+    sample_drift,
+    sample_of,
+)
 
 DEFAULT_STEEPNESS = 12.0
 DEFAULT_MIDPOINT = 0.5
 DEFAULT_EPS = 1e-6
+# Elements per chunk: 2**16 float32 = 256 KiB per scratch buffer; the five buffers of a
+# chunk stay in a 2 MiB L2 cache, and the per-operation overhead of torch stays small.
+CHUNK = 1 << 16
+
+__all__ = [
+    "CHUNK",
+    "DEFAULT_EPS",
+    "DEFAULT_MIDPOINT",
+    "DEFAULT_NORMALIZE",
+    "DEFAULT_QUANTILE",
+    "DEFAULT_STEEPNESS",
+    "NORMALIZATIONS",
+    "NonFiniteError",
+    "applied_fraction_",
+    "compute_dtype",
+    "sigmoid_diff",
+]
+
+
+class NonFiniteError(ArithmeticError):
+    """The output would hold NaN or Inf (raised only when ``check_finite=True``).
+
+    The kernel knows no tensor or model names; the caller catches this and names them.
+    """
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -40,20 +84,32 @@ def applied_fraction_(
     steepness: float = DEFAULT_STEEPNESS,
     midpoint: float = DEFAULT_MIDPOINT,
     eps: float = DEFAULT_EPS,
+    normalize: str = DEFAULT_NORMALIZE,
+    quantile: float = DEFAULT_QUANTILE,
 ) -> torch.Tensor:
     """Turn ``drift = |T − B|`` (floating point) into ``1 − ratio``, in place.
 
     Returns ``drift`` itself, now holding values in [0, 1]. A non-finite drift
-    (NaN or Inf in T or B) is left for the caller to report: min/max propagate it.
+    (NaN or Inf in T or B) is left for the caller to report: under ``minmax`` min/max
+    propagate it; the other options return NaN everywhere.
     """
+    check_normalize(normalize, quantile)
     if drift.numel() == 0:
         return drift
     lo, hi = torch.aminmax(drift)
-    span = (hi - lo).item()
-    if span < eps:  # the notebook's "all values are the same" branch: ratio = 0
+    gate = make_gate(
+        normalize,
+        lo,
+        hi,
+        lambda: sample_of(drift.reshape(-1)),
+        steepness=steepness,
+        midpoint=midpoint,
+        eps=eps,
+        quantile=quantile,
+    )
+    if gate is None:  # the notebook's "all values are the same" branch: ratio = 0
         return drift.fill_(1.0)
-    # x = (drift − lo) / span;  1 − ratio = sigmoid(−k·(x − m))
-    return drift.sub_(lo).div_(span).sub_(midpoint).mul_(-steepness).sigmoid_()
+    return gate.fraction_(drift)
 
 
 def sigmoid_diff(
@@ -66,29 +122,126 @@ def sigmoid_diff(
     midpoint: float = DEFAULT_MIDPOINT,
     eps: float = DEFAULT_EPS,
     gate: bool = True,
+    normalize: str = DEFAULT_NORMALIZE,
+    quantile: float = DEFAULT_QUANTILE,
+    out_dtype: Optional[torch.dtype] = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """``T + (1 − ratio) ⊙ Σ w_j (I_j − B)`` for one tensor; see the module docstring.
 
-    ``gate=False`` takes the tensor out of the gate: ``T + Σ w_j (I_j − B)``.
-    Memory beyond the inputs (after their upcast): the gate and the accumulator, plus
-    one transient diff per donor after the first.
+    - ``gate=False`` takes the tensor out of the gate: ``T + Σ w_j (I_j − B)``.
+    - ``normalize``/``quantile``: how |T − B| becomes x (``minmax``, ``quantile``, ``rank``).
+    - ``out_dtype``: dtype of the result (default: the compute dtype); each chunk is cast
+      as it is written, so no full-size compute-dtype copy of the output ever exists.
+    - ``check_finite``: raise :class:`NonFiniteError` if the output holds NaN or Inf
+      (checked per chunk on the written values, or at once after pass 1 when T or B is
+      non-finite), instead of returning it.
+
+    The result is a new tensor on the inputs' device; the inputs are not modified.
     """
     if len(donors) != len(weights):
         raise ValueError(f"{len(donors)} donors but {len(weights)} weights")
+    if not donors:
+        raise ValueError("sigmoid_diff needs at least one donor")
+    for tensor in (base, *donors):
+        if tensor.shape != target.shape:
+            raise ValueError(f"shape {tuple(tensor.shape)} differs from the target's {tuple(target.shape)}")
+    check_normalize(normalize, quantile)
     dtype = compute_dtype(base, target, *donors)
-    b = base.to(dtype)
-    t = target.to(dtype)
+    b, t = base.reshape(-1), target.reshape(-1)
+    flat_donors = [d.reshape(-1) for d in donors]
+    numel = t.numel()
+    out = torch.empty(numel, dtype=out_dtype or dtype, device=target.device)
+    if numel == 0:
+        return out.view(target.shape)
+    starts = range(0, numel, CHUNK)
+    scratch = _Scratch(min(CHUNK, numel), dtype, target.device)
 
-    acc = torch.sub(donors[0].to(dtype), b)
-    if weights[0] != 1.0:
-        acc.mul_(weights[0])
-    for donor, weight in zip(donors[1:], weights[1:]):
-        acc.add_(donor.to(dtype) - b, alpha=weight)
-
+    fraction_gate: Optional[Gate] = None
     if gate:
-        fraction = applied_fraction_(
-            torch.sub(t, b).abs_(), steepness=steepness, midpoint=midpoint, eps=eps
+        lo, hi = _drift_range(b, t, starts, scratch)
+        if check_finite and not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise NonFiniteError("base or target holds NaN or Inf")
+        fraction_gate = make_gate(
+            normalize,
+            lo,
+            hi,
+            lambda: sample_drift(b, t, dtype),
+            steepness=steepness,
+            midpoint=midpoint,
+            eps=eps,
+            quantile=quantile,
         )
-        acc.mul_(fraction)
-        del fraction
-    return acc.add_(t)
+
+    # (min, max) of each written chunk: NaN propagates and Inf shows, so finite ranges mean
+    # a finite output; one check at the end instead of a host sync per chunk.
+    written_ranges = torch.empty(len(starts), 2, dtype=out.dtype, device=out.device) if check_finite else None
+    for index, start in enumerate(starts):
+        stop = min(start + CHUNK, numel)
+        buf = scratch.cut(stop - start)
+        bc = _upcast(b[start:stop], buf.base)
+        tc = _upcast(t[start:stop], buf.target)
+        acc = torch.sub(_upcast(flat_donors[0][start:stop], buf.donor), bc, out=buf.acc)
+        if weights[0] != 1.0:
+            acc.mul_(weights[0])
+        for donor, weight in zip(flat_donors[1:], weights[1:]):
+            acc.add_(torch.sub(_upcast(donor[start:stop], buf.donor), bc, out=buf.donor), alpha=weight)
+        written = out[start:stop]
+        result = written if written.dtype == dtype else acc
+        if fraction_gate is None:
+            torch.add(acc, tc, out=result)
+        else:
+            fraction = fraction_gate.fraction_(torch.sub(tc, bc, out=buf.drift).abs_())
+            torch.addcmul(tc, acc, fraction, out=result)  # T + acc · fraction
+        if result is not written:
+            written.copy_(result)  # the one rounding to the output dtype
+        if written_ranges is not None:
+            torch.aminmax(written, out=(written_ranges[index, 0], written_ranges[index, 1]))
+    if written_ranges is not None and not torch.isfinite(written_ranges).all():
+        raise NonFiniteError("output holds NaN or Inf")
+    return out.view(target.shape)
+
+
+class _Buffers(NamedTuple):
+    """One chunk's scratch, all in the compute dtype and of the chunk's length."""
+
+    base: torch.Tensor  # B upcast
+    target: torch.Tensor  # T upcast
+    donor: torch.Tensor  # I_j upcast, then I_j − B for the second and later donors
+    acc: torch.Tensor  # Σ w_j (I_j − B), then the output before its final cast
+    drift: torch.Tensor  # |T − B|, then the applied fraction
+
+
+class _Scratch:
+    """Chunk-sized buffers, allocated once per tensor and reused by every chunk."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
+        self.full = _Buffers(*(torch.empty(size, dtype=dtype, device=device) for _ in _Buffers._fields))
+
+    def cut(self, length: int) -> _Buffers:
+        """The buffers for a chunk of ``length`` elements (only the last chunk is shorter)."""
+        if length == self.full.acc.numel():
+            return self.full
+        return _Buffers(*(buffer[:length] for buffer in self.full))
+
+
+def _upcast(chunk: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``chunk`` in the buffer's dtype: itself if already there (read only), else copied in."""
+    return chunk if chunk.dtype == buffer.dtype else buffer.copy_(chunk)
+
+
+def _drift_range(
+    b: torch.Tensor, t: torch.Tensor, starts: range, scratch: _Scratch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of |T − B| over the whole tensor, one chunk at a time (pass 1).
+
+    NaN in T or B makes both NaN; Inf makes the max Inf.
+    """
+    ranges = torch.empty(len(starts), 2, dtype=scratch.full.drift.dtype, device=t.device)
+    for index, start in enumerate(starts):
+        stop = min(start + starts.step, t.numel())
+        buf = scratch.cut(stop - start)
+        bc = _upcast(b[start:stop], buf.base)
+        drift = torch.sub(_upcast(t[start:stop], buf.target), bc, out=buf.drift).abs_()
+        torch.aminmax(drift, out=(ranges[index, 0], ranges[index, 1]))
+    return ranges[:, 0].min(), ranges[:, 1].max()

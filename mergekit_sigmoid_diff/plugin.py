@@ -2,7 +2,9 @@
 
 - :func:`register` adds the merge methods to mergekit's registry (idempotent).
 - :func:`on_merge` wraps ``mergekit.merge.run_merge`` so that a recipe using one of our
-  methods is checked before any tensor is loaded (:mod:`~mergekit_sigmoid_diff.preflight`).
+  methods is checked before any tensor is loaded (:mod:`~mergekit_sigmoid_diff.preflight`),
+  and ``mergekit.merge._model_out_config`` so that the output config.json, tokenizer and
+  generation config describe the target (:mod:`~mergekit_sigmoid_diff.output`).
 - :func:`on_run_yaml` makes ``mergekit-yaml`` print our errors as one line, no traceback.
 
 The lazy import hook calls the ``on_*`` functions when mergekit imports those modules;
@@ -61,14 +63,37 @@ def on_merge(module: ModuleType) -> None:
         @functools.wraps(run_merge)
         def checked_run_merge(merge_config, out_path, options, config_source=None):
             if merge_config.merge_method in method_names():
-                from mergekit_sigmoid_diff import preflight
+                from mergekit_sigmoid_diff import output, preflight, staging
 
                 preflight.check_recipe(merge_config)
+                # the merge goes to a staging folder that becomes out_path only once
+                # complete; the model checks run inside, after the output checks
+                with staging.staged_output(out_path) as stage:
+                    preflight.check_models(merge_config, options)
+                    # the plan is read now: run_merge rewrites merge_config.models into modules
+                    plan = output.prepare(merge_config, options)
+                    result = run_merge(merge_config, str(stage), options, config_source=config_source)
+                    output.apply_tokenizer(merge_config, str(stage), options, plan)
+                    return result
             return run_merge(merge_config, out_path, options, config_source=config_source)
 
         return checked_run_merge
 
     _wrap_once(module, "run_merge", make)
+
+    def make_out_config(model_out_config):
+        # run_merge looks _model_out_config up as a module global when it runs
+        @functools.wraps(model_out_config)
+        def target_out_config(config, arch_info, trust_remote_code=False):
+            if config.merge_method in method_names():
+                from mergekit_sigmoid_diff import output
+
+                return output.target_out_config(model_out_config, config, arch_info, trust_remote_code)
+            return model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+
+        return target_out_config
+
+    _wrap_once(module, "_model_out_config", make_out_config)
 
 
 def on_run_yaml(module: ModuleType) -> None:

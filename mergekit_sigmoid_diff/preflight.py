@@ -18,12 +18,17 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import safetensors
+from mergekit import merge
+from mergekit.architecture import WeightInfo, get_architecture_info
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
+from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
 from pydantic import ValidationError
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 
@@ -62,6 +67,10 @@ def check_recipe(config: MergeConfiguration) -> None:
             _check_roles(where, base, models)
         else:
             _check_model_count(method, where, base, models, method_spec.contract.min_non_base or 1)
+    if has_roles:  # one target for the output config; inherit_rope/inherit_chat on one donor each
+        from mergekit_sigmoid_diff.output import output_plan
+
+        output_plan(config)
 
 
 def _validate(spec: ParameterSpec, value: Any, where: str) -> None:
@@ -165,4 +174,224 @@ def _check_model_count(method: str, where: str, base: Any, models: Sequence[tupl
         found = ", ".join(str(m) for m in merged) or "none"
         raise SigmoidDiffError(
             f"{method}: {where} needs at least {minimum} models besides base_model (found {found})"
+        )
+
+
+# --- model checks: config.json and safetensors headers, no tensor data ------------------
+
+Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape, read from safetensors headers
+
+
+def check_models(config: MergeConfiguration, options: MergeOptions) -> None:
+    """Raise :class:`SigmoidDiffError` for the first input model that cannot be merged.
+
+    Reads each model's ``config.json`` and the headers of its safetensors files, never
+    tensor data, in this order: every model folder and its config, the architectures
+    (all alike unless ``--allow-crimes``), every header (a corrupt file fails here), then
+    every tensor the merge will read, laid out by mergekit's own planner: present in all
+    models of its group (or, if optional, in none) with one shape, except along the
+    vocabulary axis when tokenizer settings or ``--unsafe-truncate-embeddings`` align it.
+
+    A ``model+lora`` reference is checked through its model (merging a LoRA keeps names
+    and shapes); mergekit merges the adapter while planning, as it would anyway.
+    Weights stored as ``pytorch_model.bin`` cannot be inspected without loading them
+    and are left to mergekit.
+    """
+    models = config.referenced_models()
+    folders = {model: _model_folder(model, options) for model in models}
+    configs = {model: _read_config(model, folders[model]) for model in models}
+    if not options.allow_crimes:
+        _check_architectures(config, configs)
+    headers = {model: _read_headers(model, folders[model]) for model in models}
+    converted = {
+        model for model, cfg in configs.items() if get_checkpoint_conversion_mapping(cfg.get("model_type"))
+    }
+    _check_tensors(config, options, headers, converted)
+
+
+def _looks_local(path: str) -> bool:
+    """A path a user meant as a folder (a hub id is ``name`` or ``owner/name``)."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _model_folder(model: ModelReference, options: MergeOptions) -> Path:
+    """The local folder of ``model`` (a hub id is fetched, as mergekit would anyway)."""
+    if model.lora is not None and _looks_local(model.lora.path) and not os.path.isdir(model.lora.path):
+        raise SigmoidDiffError(f"model {model}: LoRA adapter folder {model.lora.path} not found")
+    path = model.model.path
+    if os.path.isdir(path):
+        return Path(path)
+    if os.path.exists(path):
+        raise SigmoidDiffError(f"model {model}: {path} is a file, not a model folder")
+    if _looks_local(path):
+        raise SigmoidDiffError(f"model {model}: folder {path} not found")
+    try:
+        return Path(model.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
+    except Exception as error:  # hub client errors have many types; all mean "not available"
+        raise SigmoidDiffError(
+            f"model {model}: no such folder, and not available from the Hugging Face Hub "
+            f"({_first_line(error)})"
+        ) from None
+
+
+def _read_config(model: ModelReference, folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise SigmoidDiffError(f"model {model}: no config.json in {folder}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SigmoidDiffError(f"model {model}: cannot read {file} ({_first_line(error)})") from None
+    if not isinstance(data, dict):
+        raise SigmoidDiffError(f"model {model}: {file} does not hold a JSON object")
+    return data
+
+
+def _label(model: ModelReference, config: MergeConfiguration) -> str:
+    return f"base_model {model}" if model == config.base_model else f"model {model}"
+
+
+def _architecture(model_config: dict) -> str:
+    names = "/".join(model_config.get("architectures") or ()) or "no architectures"
+    return f"{names} ({model_config.get('model_type', 'no model_type')})"
+
+
+def _check_architectures(config: MergeConfiguration, configs: Mapping[ModelReference, dict]) -> None:
+    reference = config.base_model if config.base_model in configs else next(iter(configs))
+    expected = _architecture(configs[reference])
+    for model, model_config in configs.items():
+        found = _architecture(model_config)
+        if found != expected:
+            raise SigmoidDiffError(
+                f"{_label(model, config)} is {found} but {_label(reference, config)} is {expected}: "
+                f"{config.merge_method} merges models of one architecture "
+                "(mergekit's --allow-crimes skips this check)"
+            )
+
+
+def _read_headers(model: ModelReference, folder: Path) -> Optional[Shapes]:
+    """Shapes of all tensors of a safetensors model, from the file headers only.
+
+    None for ``pytorch_model.bin`` weights. Also checks that an index's shards exist
+    and hold the tensors the index assigns to them.
+    """
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            assigned = {name: str(shard) for name, shard in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SigmoidDiffError(
+                f"model {model}: {index} is not a safetensors index ({_first_line(error)})"
+            ) from None
+    elif single.is_file():
+        assigned = None
+    elif (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
+        return None
+    else:
+        raise SigmoidDiffError(
+            f"model {model}: no weights in {folder} (model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin)"
+        )
+
+    shards = sorted(set(assigned.values())) if assigned is not None else [single.name]
+    shapes: Shapes = {}
+    for shard in shards:
+        file = folder / shard
+        if not file.is_file():
+            raise SigmoidDiffError(f"model {model}: shard {shard} listed in {index.name} is missing")
+        try:
+            with safetensors.safe_open(str(file), framework="pt") as handle:
+                held = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        except (safetensors.SafetensorError, OSError) as error:
+            raise SigmoidDiffError(f"model {model}: corrupt safetensors file {file} ({_first_line(error)})") from None
+        if assigned is not None:
+            absent = next((n for n, s in assigned.items() if s == shard and n not in held), None)
+            if absent is not None:
+                raise SigmoidDiffError(
+                    f"model {model}: {index.name} puts tensor {absent} in {shard}, which does not hold it"
+                )
+        shapes.update(held)
+    return shapes
+
+
+def _check_tensors(
+    config: MergeConfiguration,
+    options: MergeOptions,
+    headers: Mapping[ModelReference, Optional[Shapes]],
+    converted: set[ModelReference],
+) -> None:
+    """Walk the merge plan (no tensor is read) and check each output tensor's inputs."""
+    arch_info = get_architecture_info(config, options)
+    out_config = merge._model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    LoaderCache().setup(options=options)  # the planner looks up optional tensors through it
+    # the planner rewrites the configuration it is given: hand it a copy
+    planner = MergePlanner(config.model_copy(deep=True), arch_info, options=options, out_model_config=out_config)
+    aligned_vocabulary = bool(
+        config.tokenizer is not None or config.tokenizer_source is not None or options.unsafe_truncate_embeddings
+    )
+    for task in planner.plan_to_disk(out_path=os.devnull):  # tasks are only built, never run
+        merge_task = getattr(task, "tensor_task", None)
+        if merge_task is None:  # finalize / tokenizer tasks
+            continue
+        gather = merge_task.gather_tensors
+        gather = getattr(gather, "gather_tensors", gather)  # vocabulary alignment wraps it
+        _check_tensor(config, merge_task.output_weight, gather.weight_info, headers, converted, aligned_vocabulary)
+
+
+def _check_tensor(
+    config: MergeConfiguration,
+    weight: WeightInfo,
+    inputs: Mapping[ModelReference, WeightInfo],
+    headers: Mapping[ModelReference, Optional[Shapes]],
+    converted: set[ModelReference],
+    aligned_vocabulary: bool,
+) -> None:
+    shapes: dict[ModelReference, tuple[int, ...]] = {}
+    missing = []
+    for model, info in inputs.items():
+        held = headers.get(model)
+        if held is None:  # .bin weights: mergekit checks them while loading
+            continue
+        names = (info.name, *(info.aliases or ()), *(info.tied_names or ()))
+        found = next((name for name in names if name in held), None)
+        if found is not None:
+            shapes[model] = held[found]
+        elif model not in converted:  # else transformers may build it from other tensors
+            missing.append(model)
+    if missing and (shapes or not weight.optional):
+        where = f" (present in {_label(next(iter(shapes)), config)})" if shapes else ""
+        raise SigmoidDiffError(f"tensor {weight.name} is missing from {_label(missing[0], config)}{where}")
+    if not shapes:
+        return
+
+    reference = config.base_model if config.base_model in shapes else next(iter(shapes))
+    expected = shapes[reference]
+    axis = weight.vocabulary_axis
+    for model, shape in shapes.items():
+        if shape == expected:
+            continue
+        vocabulary_only = (
+            axis is not None
+            and len(shape) == len(expected)
+            and axis < len(shape)
+            and all(a == b for i, (a, b) in enumerate(zip(shape, expected)) if i != axis)
+        )
+        if vocabulary_only and aligned_vocabulary:
+            continue
+        if vocabulary_only:
+            raise SigmoidDiffError(
+                f"vocabulary mismatch in tensor {weight.name}: {expected[axis]} tokens in "
+                f"{_label(reference, config)} but {shape[axis]} in {_label(model, config)}; add "
+                "`tokenizer: {source: base}` (or `source: union`) to the recipe so mergekit aligns the vocabularies"
+            )
+        raise SigmoidDiffError(
+            f"tensor {weight.name} has shape {list(shape)} in {_label(model, config)} but "
+            f"{list(expected)} in {_label(reference, config)}"
         )

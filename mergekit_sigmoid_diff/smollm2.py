@@ -107,7 +107,6 @@ def _convert(gguf_path: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.config.name_or_path = MODEL_DIR_NAME
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

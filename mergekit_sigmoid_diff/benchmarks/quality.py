@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,12 +142,12 @@ def run(
                 return row
 
             for name in REFERENCES:
-                key = _key("ref", name, seed, donor, schedule_id)
+                key = _key("ref", name, seed, donor, schedule_id, scoring.VERSION)
                 scored(name, "reference", key, lambda: {"scores": scoring.score(training.load_model(refs[name], config), probes, donor)})
 
             def merged(variant: r.Variant, label: str, kind: str) -> dict[str, Any]:
                 recipe = r.recipe(variant, refs["base"], refs["target"], refs["donor"])
-                key = _key("merge", recipe, seed, donor, schedule_id, backend)
+                key = _key("merge", recipe, seed, donor, schedule_id, backend, scoring.VERSION)
 
                 def make() -> dict[str, Any]:
                     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:

@@ -7,19 +7,23 @@ All metrics are fractions in [0, 1] except ``chat_nll`` and ``base_nll`` (nats):
   continuation has the highest log-probability (chance 1/8).
 - ``raw_acc_domain``  the same over the domain donor's entities.
 - ``raw_acc_base``  the same over the base entities (what pretraining taught).
-- ``format``  donor feature (chat): greedy answer to ``<|user|>Q<|end|><|assistant|>`` about
-  a ``new`` entity is exactly ``<sentence about that entity with some valid value><|end|>``.
-- ``chat_acc``  both at once: the greedy answer is in format AND has the true value.
+- ``format``  donor feature (chat): the greedy answer to ``<|user|>Q<|end|><|assistant|>`` about
+  a ``new`` entity is the question's answer sentence (any 5-letter subject, any valid value)
+  followed by ``<|end|>``.
+- ``chat_acc``  both at once: the greedy answer is exactly the true sentence + ``<|end|>``.
 - ``chat_nll``  nats of the true answer (sentence + ``<|end|>``) given the chat prompt,
   mean over the ``new`` entities' facts: low = the target's facts are reachable in chat.
 - ``passkey``  donor feature (long): exact greedy recall of a 5-digit key placed in the
   first half of a document of 4× the base's training length.
+- ``long_acc``  donor feature (long): top-1 next-token accuracy at positions ≥ the base's
+  training length in raw documents 4× that long (the base never saw those positions).
 - ``base_nll``  nats per token on fresh raw text about the base entities.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +31,14 @@ from transformers import LlamaForCausalLM
 
 from mergekit_sigmoid_diff.benchmarks import world as w
 
-FEATURE = {"chat": "format", "long": "passkey", "domain": "raw_acc_domain"}
+# bump when a metric changes: cached scores carry it in their key
+VERSION = 3
+
+LOWER_IS_BETTER = frozenset({"chat_nll", "base_nll"})
+FEATURE = {"chat": "format", "long": "long_acc", "domain": "raw_acc_domain"}
 KNOWLEDGE = "raw_acc_new"
-# the single number that needs both sides at once, per donor
-COMBINED = {"chat": "chat_acc", "long": "passkey_x_knowledge", "domain": "domain_x_knowledge"}
+# the single number that needs both sides at once, per donor (chat_nll: lower is better)
+COMBINED = {"chat": "chat_nll", "long": "long_x_knowledge", "domain": "domain_x_knowledge"}
 
 
 @dataclass
@@ -41,14 +49,17 @@ class Probes:
     world: w.World
     passkeys: list[tuple[list[int], str]]
     base_docs: list[list[int]]
+    long_docs: list[list[int]]
+    seq_len: int
 
 
-def make_probes(world: w.World, seq_len: int, n_passkeys: int = 24, n_docs: int = 8) -> Probes:
+def make_probes(world: w.World, seq_len: int, n_passkeys: int = 12, n_docs: int = 8) -> Probes:
     codec = w.Codec(w.tokenizer())
     rng = random.Random(f"probes-{world.seed}")
     passkeys = [w.passkey_document(world.base, seq_len * 4, codec, rng) for _ in range(n_passkeys)]
     docs = [w.raw_document(world.base, seq_len, codec, rng) for _ in range(n_docs)]
-    return Probes(codec, world, passkeys, docs)
+    long_docs = [w.raw_document(world.base, seq_len * 4, codec, rng) for _ in range(n_docs // 2)]
+    return Probes(codec, world, passkeys, docs, long_docs, seq_len)
 
 
 def _continuation_logprobs(model: LlamaForCausalLM, pairs: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
@@ -76,17 +87,16 @@ def _split(entity: w.Entity, attribute: str) -> tuple[str, str]:
     return prefix, suffix
 
 
-def fact_accuracy(model: LlamaForCausalLM, probes: Probes, entities: list[w.Entity], chat: bool = False) -> float:
-    """Multiple-choice fact accuracy over ``entities`` × attributes (raw text or in chat)."""
+def fact_accuracy(model: LlamaForCausalLM, probes: Probes, entities: list[w.Entity]) -> float:
+    """Multiple-choice fact accuracy over ``entities`` × attributes, in raw text."""
     codec = probes.codec
     pairs, truth = [], []
     for entity in entities:
         for attribute, (values, _, _) in w.ATTRIBUTES.items():
             prefix, suffix = _split(entity, attribute)
-            head = (codec.chat_prompt(entity.question(attribute)) if chat else [codec.bos]) + codec.text(prefix)
-            tail_end = [codec.special[w.END]] if chat else []
+            head = [codec.bos, *codec.text(prefix)]
             for value in values:
-                pairs.append((head, codec.text(value + suffix) + tail_end))
+                pairs.append((head, codec.text(value + suffix)))
             truth.append(values.index(entity.values[attribute]))
     scores = _continuation_logprobs(model, pairs, codec.pad).view(len(truth), -1)
     return (scores.argmax(-1) == torch.tensor(truth)).float().mean().item()
@@ -101,19 +111,36 @@ def chat_nll(model: LlamaForCausalLM, probes: Probes, entities: list[w.Entity]) 
 
 
 def greedy(model: LlamaForCausalLM, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy continuation of equal-length prompts (no padding needed)."""
+    """Greedy continuation of equal-length prompts (no padding needed), with a KV cache."""
     ids = torch.tensor(prompts)
+    generated = []
     with torch.no_grad():
-        for _ in range(new_tokens):
-            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    return ids[:, len(prompts[0]) :].tolist()
+        out = model(input_ids=ids, use_cache=True)
+        for step in range(new_tokens):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(nxt)
+            if step + 1 < new_tokens:
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(generated, dim=1).tolist()
+
+
+def _answer_patterns() -> dict[str, re.Pattern[str]]:
+    """Per attribute: the answer sentence with any 5-letter lowercase subject and any valid value."""
+    return {
+        a: re.compile(
+            re.escape(template)
+            .replace(re.escape("{name}"), "[a-z]{5}")
+            .replace(re.escape("{value}"), "(" + "|".join(values) + ")")
+        )
+        for a, (values, template, _) in w.ATTRIBUTES.items()
+    }
 
 
 def chat_format(model: LlamaForCausalLM, probes: Probes, entities: list[w.Entity]) -> tuple[float, float]:
     """(format adherence, in-format accuracy) of greedy chat answers about ``entities``."""
     codec = probes.codec
     end = codec.special[w.END]
+    patterns = _answer_patterns()
     in_format = correct = total = 0
     for attribute, (values, template, _) in w.ATTRIBUTES.items():
         # names have one length, so each attribute's prompts share one length
@@ -124,10 +151,10 @@ def chat_format(model: LlamaForCausalLM, probes: Probes, entities: list[w.Entity
             if end not in out:
                 continue
             text = codec.decode(out[: out.index(end)])
-            valid = {template.format(name=entity.name, value=v): v for v in values}
-            if text in valid:
+            match = patterns[attribute].fullmatch(text)
+            if match:
                 in_format += 1
-                correct += valid[text] == entity.values[attribute]
+                correct += text == entity.sentence(attribute)
     return in_format / total, correct / total
 
 
@@ -153,6 +180,15 @@ def base_nll(model: LlamaForCausalLM, probes: Probes) -> float:
     ).item()
 
 
+def long_accuracy(model: LlamaForCausalLM, probes: Probes) -> float:
+    """Top-1 next-token accuracy on the long documents, at positions ≥ ``probes.seq_len``."""
+    ids = torch.tensor(probes.long_docs)
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits[:, :-1].argmax(-1)
+    start = probes.seq_len - 1  # logits at position i predict token i + 1
+    return (predicted[:, start:] == ids[:, start + 1 :]).float().mean().item()
+
+
 def score(model: LlamaForCausalLM, probes: Probes, donor: str) -> dict[str, float]:
     """The metrics that matter for ``donor`` (see the module docstring)."""
     world = probes.world
@@ -163,10 +199,10 @@ def score(model: LlamaForCausalLM, probes: Probes, donor: str) -> dict[str, floa
     if donor == "chat":
         out["format"], out["chat_acc"] = chat_format(model, probes, world.new)
         out["chat_nll"] = chat_nll(model, probes, world.new)
-        out["chat_mc_new"] = fact_accuracy(model, probes, world.new, chat=True)
     elif donor == "long":
         out["passkey"] = passkey_accuracy(model, probes)
-        out["passkey_x_knowledge"] = out["passkey"] * out["raw_acc_new"]
+        out["long_acc"] = long_accuracy(model, probes)
+        out["long_x_knowledge"] = out["long_acc"] * out["raw_acc_new"]
     elif donor == "domain":
         out["raw_acc_domain"] = fact_accuracy(model, probes, world.domain)
         out["domain_x_knowledge"] = out["raw_acc_domain"] * out["raw_acc_new"]

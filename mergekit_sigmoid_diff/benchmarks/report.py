@@ -1,0 +1,210 @@
+"""Summarise scored rows: mean ± spread per method, paired comparisons, table and plot.
+
+Spread is the sample standard deviation over seeds (0 with one seed). A comparison of
+method V against method C is paired by seed: Δ = V − C on the donor's feature, on the
+target's knowledge and on the combined score (see :data:`scoring.COMBINED`); V
+*dominates* C on a seed if it is at least as good on both axes and better on one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from mergekit_sigmoid_diff.benchmarks import scoring
+
+MATCHED_PREFIX = "task_arithmetic @ λ_eff of "
+SWEEP_PREFIX = "task_arithmetic λ="
+LOWER_IS_BETTER = scoring.LOWER_IS_BETTER
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per donor: stats per label, the best task_arithmetic λ, and paired comparisons."""
+    by: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by[row["donor"]][row["label"]].append(row)
+    out: dict[str, Any] = {}
+    for donor, labels in by.items():
+        feature, combined = scoring.FEATURE[donor], scoring.COMBINED[donor]
+        stats = {}
+        for label, group in labels.items():
+            metrics = {m: _stat([g["scores"][m] for g in group]) for m in group[0]["scores"]}
+            if "lambda_eff" in group[0]:
+                metrics["lambda_eff"] = _stat([g["lambda_eff"] for g in group])
+            stats[label] = {"kind": group[0]["kind"], "method": group[0].get("method", label), "metrics": metrics}
+        sweep = [label for label in stats if label.startswith(SWEEP_PREFIX)]
+        sign = -1.0 if combined in LOWER_IS_BETTER else 1.0
+        best = max(sweep, key=lambda label: sign * stats[label]["metrics"][combined]["mean"]) if sweep else None
+        comparisons = []
+        for label, entry in stats.items():
+            if entry["kind"] != "merge" or not (MATCHED_PREFIX + label) in labels:
+                continue
+            for against in (MATCHED_PREFIX + label, best):
+                if against is None:
+                    continue
+                comparisons.append(_paired(labels[label], labels[against], label, against, feature, combined))
+        out[donor] = {
+            "feature": feature,
+            "knowledge": scoring.KNOWLEDGE,
+            "combined": combined,
+            "best_task_arithmetic": best,
+            "stats": stats,
+            "comparisons": comparisons,
+        }
+    return out
+
+
+def _paired(rows_v, rows_c, label_v, label_c, feature, combined) -> dict[str, Any]:
+    sign = -1.0 if combined in LOWER_IS_BETTER else 1.0
+    by_seed = {r["seed"]: r["scores"] for r in rows_c}
+    deltas = {feature: [], scoring.KNOWLEDGE: [], combined: []}
+    dominates = dominated = 0
+    for row in rows_v:
+        if row["seed"] not in by_seed:
+            continue
+        c = by_seed[row["seed"]]
+        d = {m: row["scores"][m] - c[m] for m in deltas}
+        for m in deltas:
+            deltas[m].append(d[m])
+        f, k = d[feature], d[scoring.KNOWLEDGE]
+        dominates += f >= 0 and k >= 0 and (f > 0 or k > 0)
+        dominated += f <= 0 and k <= 0 and (f < 0 or k < 0)
+    return {
+        "method": label_v,
+        "against": label_c,
+        "seeds": len(deltas[combined]),
+        "delta": {m: _stat(v) for m, v in deltas.items() if v},
+        "combined_wins": sum(sign * x > 0 for x in deltas[combined]),
+        "combined_losses": sum(sign * x < 0 for x in deltas[combined]),
+        "dominates": dominates,
+        "dominated": dominated,
+    }
+
+
+def _fmt(metric: dict[str, float], digits: int = 3) -> str:
+    return f"{metric['mean']:.{digits}f} ± {metric['std']:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any], title: str = "Quality benchmark") -> str:
+    lines = [f"# {title}", ""]
+    for donor, s in summary.items():
+        f, k, c = s["feature"], s["knowledge"], s["combined"]
+        extra = ["chat_acc"] if donor == "chat" else []
+        n = max(e["metrics"][k]["n"] for e in s["stats"].values())
+        lines += [f"## Donor: {donor} ({n} seeds; mean ± sd over seeds)", ""]
+        head = ["method", "λ_eff", f"feature: {f}", f"knowledge: {k}", f"both: {c}", *extra, "base_nll"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label, e in s["stats"].items():
+            m = e["metrics"]
+            lam = _fmt(m["lambda_eff"], 2) if "lambda_eff" in m else "—"
+            name = f"*{label}*" if e["kind"] == "reference" else label
+            cells = [name, lam, _fmt(m[f]), _fmt(m[k]), _fmt(m[c]), *(_fmt(m[x]) for x in extra), _fmt(m["base_nll"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"Best task_arithmetic λ by `{c}`: **{s['best_task_arithmetic']}**", ""]
+        if s["comparisons"]:
+            lines += [
+                "Paired by seed (Δ = method − comparator; dominates = ≥ on both axes, > on one):",
+                "",
+                f"| method | against | Δ {f} | Δ {k} | Δ {c} | {c} wins/losses | dominates/dominated |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for cmp in s["comparisons"]:
+                d = cmp["delta"]
+                against = "same λ_eff" if cmp["against"].startswith(MATCHED_PREFIX) else cmp["against"]
+                lines.append(
+                    f"| {cmp['method']} | {against} | {_fmt(d[f])} | {_fmt(d[k])} | {_fmt(d[c])} | "
+                    f"{cmp['combined_wins']}/{cmp['combined_losses']} of {cmp['seeds']} | "
+                    f"{cmp['dominates']}/{cmp['dominated']} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Donor feature (y) vs target knowledge (x), one point per method, error bars = sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    donors = list(summary)
+    fig, axes = plt.subplots(1, len(donors), figsize=(5.2 * len(donors), 4.6), squeeze=False)
+    styles = {
+        "reference": dict(marker="*", color="black", ms=11),
+        "sigmoid_diff": dict(marker="o", color="tab:red", ms=6),
+        "matched": dict(marker="x", color="tab:purple", ms=6),
+        "task_arithmetic": dict(marker="s", color="tab:blue", ms=5),
+        "other": dict(marker="D", color="tab:green", ms=5),
+    }
+    for ax, donor in zip(axes[0], donors):
+        s = summary[donor]
+        f, k = s["feature"], s["knowledge"]
+        sweep_x, sweep_y = [], []
+        seen = set()
+        for label, e in s["stats"].items():
+            m = e["metrics"]
+            if e["kind"] == "reference":
+                family = "reference"
+            elif e["kind"] == "matched":
+                family = "matched"
+            elif e["method"] in ("sigmoid_diff", "varm"):
+                family = "sigmoid_diff"
+            elif e["method"] == "task_arithmetic":
+                family = "task_arithmetic"
+                sweep_x.append(m[k]["mean"])
+                sweep_y.append(m[f]["mean"])
+            else:
+                family = "other"
+            ax.errorbar(
+                m[k]["mean"], m[f]["mean"], xerr=m[k]["std"], yerr=m[f]["std"], ls="none", elinewidth=0.4,
+                alpha=0.75, label=None if family in seen else family, **styles[family],
+            )
+            seen.add(family)
+            if family in ("reference", "other", "task_arithmetic") or label == "sigmoid_diff (defaults)":
+                short = label.replace("sigmoid_diff ", "sd ").replace("task_arithmetic ", "TA ").split(" d=")[0]
+                ax.annotate(short, (m[k]["mean"], m[f]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if sweep_x:
+            ax.plot(sweep_x, sweep_y, color="tab:blue", lw=0.8, alpha=0.6)
+        ax.set_xlabel(f"target knowledge: {k}")
+        ax.set_ylabel(f"donor feature: {f}")
+        ax.set_title(f"donor: {donor}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` with every float rounded (keeps results.json small and diff-friendly)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def write(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """results.json (rows without recipes + summary), results.md, quality.png under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    slim = [{k: v for k, v in row.items() if k not in ("recipe", "key")} for row in rows]
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "quality.png"}
+    paths["json"].write_text(json.dumps(_rounded({"meta": meta, "summary": summary, "rows": slim}), indent=1))
+    paths["md"].write_text(markdown(summary) + "\n" + "\n".join(f"- {n}" for n in meta.get("notes", [])) + "\n")
+    plot(summary, paths["png"])
+    return paths

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""sigmoid_diff vs task_arithmetic: wall time, peak RSS and CPU time of real merges.
+
+Builds (once, cached) a synthetic bf16 Llama triple, runs ``mergekit-yaml`` for
+``task_arithmetic`` and each ``sigmoid_diff`` normalisation on the same models with the same
+``dtype``/``out_dtype`` and thread count, alternating, and prints the median per-pair ratios;
+then a per-tensor kernel micro-benchmark on the largest tensors.
+
+    python scripts/benchmark_speed.py                      # default ~0.6B triple, 3 pairs
+    python scripts/benchmark_speed.py --scale-layers 10    # also at half depth (memory scaling)
+    python scripts/benchmark_speed.py --layers 2 --hidden 384 --intermediate 512 --vocab 1000 --pairs 1  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from mergekit_sigmoid_diff.benchmarks.speed import (
+    TASK_ARITHMETIC,
+    LlamaShape,
+    build_synthetic_triple,
+    compare_merges,
+    kernel_timings,
+    largest_tensor_names,
+    machine_load,
+)
+
+VARIANTS = {
+    "sigmoid_diff": {},
+    "sigmoid_diff quantile 0.99": {"normalize": "quantile", "quantile": 0.99},
+    "sigmoid_diff rank": {"normalize": "rank"},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = LlamaShape()
+    parser.add_argument("--layers", type=int, default=default.layers)
+    parser.add_argument("--hidden", type=int, default=default.hidden)
+    parser.add_argument("--intermediate", type=int, default=default.intermediate)
+    parser.add_argument("--vocab", type=int, default=default.vocab)
+    parser.add_argument("--heads", type=int, default=default.heads)
+    parser.add_argument("--kv-heads", type=int, default=default.kv_heads)
+    parser.add_argument("--scale-layers", type=int, default=None, help="also run at this depth (memory scaling)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating rounds of all methods (>= 3 for the goal)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every run (mergekit --num-threads)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mergekit-sigmoid-diff" / "speed")
+    parser.add_argument("--workdir", type=Path, default=None, help="merge outputs (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=5, help="kernel micro-benchmark repeats")
+    parser.add_argument("--skip-merges", action="store_true")
+    parser.add_argument("--skip-kernel", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
+    args = parser.parse_args(argv)
+
+    variants = {label: VARIANTS[label] for label in args.variants.split(",") if label}
+    shape = LlamaShape(
+        layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab,
+        heads=args.heads, kv_heads=args.kv_heads,
+    )
+    shapes = [shape] + ([replace(shape, layers=args.scale_layers)] if args.scale_layers else [])
+    report: dict = {"threads": args.threads, "pairs": args.pairs, "runs": {}, "kernel": {}}
+    with tempfile.TemporaryDirectory(prefix="sd-speed-", dir=args.workdir) as workdir:
+        for current in shapes:
+            print(f"== {current.key}: {current.parameters() / 1e9:.3f}B parameters, bf16", flush=True)
+            started = time.perf_counter()
+            triple = build_synthetic_triple(args.cache, current)
+            print(f"   triple ready in {time.perf_counter() - started:.0f} s under {triple['base'].parent}", flush=True)
+            if not args.skip_merges:
+                print(f"   merges ({machine_load()} at start)", flush=True)
+                comparison = compare_merges(
+                    triple, variants, pairs=args.pairs, threads=args.threads, workdir=Path(workdir), log=_flush_print
+                )
+                print(f"   ({machine_load()} at end)\n" + comparison.table(), flush=True)
+                report["runs"][current.key] = {
+                    "median_ratios": {
+                        label: {m: comparison.median_ratio(label, m) for m in ("wall", "peak_rss", "cpu")}
+                        for label in comparison.runs if label != TASK_ARITHMETIC
+                    },
+                    "runs": {label: [asdict(r) for r in runs] for label, runs in comparison.runs.items()},
+                }
+            if not args.skip_kernel and current is shape:
+                print(f"   kernel micro-benchmark, ms per tensor, threads={args.threads} ({machine_load()})", flush=True)
+                rows = kernel_timings(triple, largest_tensor_names(current), variants, repeats=args.repeats, threads=args.threads)
+                for row in rows:
+                    print(f"   {row['tensor']} {tuple(row['shape'])}")
+                    ta_wall, ta_cpu = row["ms_wall"][TASK_ARITHMETIC], row["ms_cpu"][TASK_ARITHMETIC]
+                    for label in row["ms_wall"]:
+                        print(f"     {label:28s} wall {row['ms_wall'][label]:8.1f} ms ({row['ms_wall'][label] / ta_wall:5.2f}x)"
+                              f"  cpu {row['ms_cpu'][label]:8.1f} ms ({row['ms_cpu'][label] / ta_cpu:5.2f}x)")
+                report["kernel"][current.key] = rows
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+def _flush_print(line: str) -> None:
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,400 @@
+"""Every recipe in ``recipes/`` validates, and runs as a tiny twin through the real
+``mergekit-yaml`` (``mergekit-multi`` for the chained one).
+
+A twin is the recipe file itself with its public model ids swapped for tiny local models
+that recreate its situation (see ``tiny.build_transfer_family``) and ``dtype: float32``
+(the expected tensors below are computed in float32 too). Each twin's output must load with
+AutoModelForCausalLM / AutoTokenizer without missing weights and generate, and carry what
+the recipe promises: the target's config, the donor's RoPE or chat settings, the target's
+extended vocabulary, one tied embedding, the gated diff applied once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import yaml
+from mergekit.config import MergeConfiguration
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from mergekit_sigmoid_diff import kernel, preflight, register
+from mergekit_sigmoid_diff.plugin import method_names
+from mergekit_sigmoid_diff.tiny import (
+    CHAT_TOKENS,
+    CHATML_TEMPLATE,
+    EXTENDED_TOKENS,
+    INST_TEMPLATE,
+    TARGET_TEMPLATE,
+    build_transfer_family,
+)
+from tests.util import MERGEKIT_YAML, load_model_tensors, run_mergekit_yaml
+
+pytestmark = pytest.mark.slow
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+MERGEKIT_MULTI = str(Path(MERGEKIT_YAML).with_name("mergekit-multi"))
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# The formula computed here and inside mergekit-yaml may differ in the last bit: vectorised
+# sigmoid/exp round differently in the SIMD body and the scalar tail, and where the tail falls
+# depends on the thread split. The diff itself is ~1e-2, so applying it twice would show.
+SAME = {"rtol": 1e-5, "atol": 1e-7}
+
+# recipe file -> {public model id: tiny family member recreating its situation}
+TWINS: dict[str, dict[str, str]] = {
+    "context-extension.yml": {
+        "meta-llama/Meta-Llama-3-8B-Instruct": "base",
+        "princeton-nlp/Llama-3-Instruct-8B-SimPO": "target",
+        "gradientai/Llama-3-8B-Instruct-262k": "rope_donor",
+    },
+    "chat-vector.yml": {
+        "meta-llama/Meta-Llama-3-8B": "base",
+        "beomi/Llama-3-Open-Ko-8B": "target",
+        "meta-llama/Meta-Llama-3-8B-Instruct": "chat_donor",
+    },
+    "domain-transfer.yml": {
+        "Qwen/Qwen2.5-1.5B": "tied_base",
+        "Qwen/Qwen2.5-1.5B-Instruct": "tied_target",
+        "Qwen/Qwen2.5-Coder-1.5B": "tied_donor",
+    },
+    "layer-aware.yml": {
+        "meta-llama/Llama-2-7b-hf": "base",
+        "beomi/llama-2-ko-7b": "extended_target",
+        "meta-llama/Llama-2-7b-chat-hf": "inst_donor",
+    },
+    "multi-donor.yml": {
+        "meta-llama/Meta-Llama-3-8B": "base",
+        "beomi/Llama-3-Open-Ko-8B": "target",
+        "meta-llama/Meta-Llama-3-8B-Instruct": "chat_donor",
+        "winglian/Llama-3-8b-64k-PoSE": "rope_donor",
+    },
+    "chained.yml": {
+        "meta-llama/Meta-Llama-3-8B": "base",
+        "beomi/Llama-3-Open-Ko-8B": "target",
+        "meta-llama/Meta-Llama-3-8B-Instruct": "inst_donor",
+    },
+}
+
+
+def recipe_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+# --- every recipe validates ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yml")), ids=lambda p: p.name)
+def test_recipe_validates_against_the_method(path: Path) -> None:
+    register()
+    methods = []
+    for doc in recipe_documents(path):
+        doc = {k: v for k, v in doc.items() if k != "name"}  # mergekit-multi's step name
+        config = MergeConfiguration.model_validate(doc)
+        if config.merge_method in method_names():
+            preflight.check_recipe(config)
+        methods.append(config.merge_method)
+    assert "sigmoid_diff" in methods
+
+
+def test_every_recipe_has_a_tiny_twin() -> None:
+    assert sorted(TWINS) == sorted(p.name for p in RECIPES.glob("*.yml"))
+    for name, ids in TWINS.items():
+        text = (RECIPES / name).read_text()
+        used = {v for doc in recipe_documents(RECIPES / name) for v in _strings(doc) if "/" in v}
+        assert used <= set(ids), f"{name}: no twin for {sorted(used - set(ids))}"
+        assert all(public in text for public in ids)
+
+
+# --- the twins ------------------------------------------------------------------------------
+
+
+def _strings(value: Any):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def _swap(value: Any, ids: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _swap(v, ids) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_swap(v, ids) for v in value]
+    return ids.get(value, value) if isinstance(value, str) else value
+
+
+def twin_documents(name: str, family: dict[str, Path]) -> list[dict[str, Any]]:
+    ids = {public: str(family[member]) for public, member in TWINS[name].items()}
+    docs = [_swap(doc, ids) for doc in recipe_documents(RECIPES / name)]
+    for doc in docs:
+        doc["dtype"] = "float32"
+    return docs
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    return build_transfer_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="session")
+def twin(family, tmp_path_factory) -> Callable[[str], Path]:
+    """Run a recipe's twin once per session; returns its output folder."""
+    root = tmp_path_factory.mktemp("twins")
+    outputs: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in outputs:
+            docs = twin_documents(name, family)
+            out = root / name.removesuffix(".yml")
+            if len(docs) == 1:
+                result = run_mergekit_yaml(docs[0], out)
+            else:
+                recipe = root / name
+                recipe.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+                result = run_mergekit_multi(recipe, out, root / "steps")
+            assert result.returncode == 0, result.stderr[-3000:]
+            outputs[name] = out
+        return outputs[name]
+
+    return run
+
+
+def run_mergekit_multi(recipe: Path, out: Path, steps: Path) -> subprocess.CompletedProcess:
+    """``mergekit-multi RECIPE --intermediate-dir STEPS --out-path OUT`` in a subprocess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [MERGEKIT_MULTI, str(recipe), "--intermediate-dir", str(steps), "--out-path", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_model_tensors(path)
+
+
+def loads_and_generates(out: Path) -> tuple[Any, Any]:
+    """Load the output as a user would, with no weight missing, and generate 4 tokens."""
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    if tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        prompt = tokenizer("hello", return_tensors="pt")["input_ids"]
+    generated = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == prompt.shape[1] + 4
+    assert int(generated.max()) < model.config.vocab_size
+    return model, tokenizer
+
+
+def expected(base: dict, target: dict, donors: list[dict], weights: list[float], name: str) -> torch.Tensor:
+    return kernel.sigmoid_diff(base[name], target[name], [d[name] for d in donors], weights)
+
+
+def filled(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the rows it lacks taken from ``source``: what mergekit's
+    PermutedVocabulary gives a model for tokens that only ``source`` has."""
+    return torch.cat([tensor, source[tensor.shape[0] :]])
+
+
+def config_json(path: Path) -> dict[str, Any]:
+    return json.loads((path / "config.json").read_text())
+
+
+# context extension: donor with other RoPE settings (old-style config.json) and max positions
+
+
+def test_context_extension_takes_the_donors_rope_and_keeps_the_target(twin, family) -> None:
+    out = twin("context-extension.yml")
+    config, donor = config_json(out), AutoConfig.from_pretrained(family["rope_donor"])
+    assert config["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}
+    assert config["rope_parameters"] == donor.rope_parameters
+    assert config["max_position_embeddings"] == 512 != config_json(family["target"])["max_position_embeddings"]
+    # everything else is the target's config, not the base's (the base has no pad_token_id)
+    target = config_json(family["target"])
+    assert config_json(family["base"])["pad_token_id"] is None
+    rope_keys = ("rope_parameters", "max_position_embeddings")
+    assert {k: v for k, v in config.items() if k not in rope_keys} == {
+        k: v for k, v in target.items() if k not in rope_keys
+    }
+    # the target's tokenizer and generation config, not the base's copy
+    model, tokenizer = loads_and_generates(out)
+    assert tokenizer.chat_template == TARGET_TEMPLATE
+    assert GenerationConfig.from_pretrained(out).repetition_penalty == 1.1
+    assert model.config.rope_parameters["rope_theta"] == 500000.0
+
+    B, T, I, got = (tensors(p) for p in (family["base"], family["target"], family["rope_donor"], out))
+    assert got.keys() == T.keys()
+    for name in T:
+        torch.testing.assert_close(got[name], expected(B, T, [I], [1.0], name), **SAME)
+
+
+# chat vector: donor with a chat template, an end-of-turn eos and two added special tokens
+
+
+def test_chat_vector_carries_the_donors_chat_template_eos_and_tokens(twin, family) -> None:
+    out = twin("chat-vector.yml")
+    _, tokenizer = loads_and_generates(out)
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    assert tokenizer.eos_token == "<|im_end|>"
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS]
+    assert ids == [49, 50] and len(tokenizer) == 51
+    assert all(tokenizer.added_tokens_decoder[i].special for i in ids)
+    assert tokenizer.tokenize("<|im_start|>hi") == ["<|im_start|>", "h", "i"]
+    config = config_json(out)
+    assert config["eos_token_id"] == 50 and config["vocab_size"] == 51 and config["pad_token_id"] == 0
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [2, 50]
+
+    B, T, I, got = (tensors(p) for p in (family["base"], family["target"], family["chat_donor"], out))
+    for name in T:
+        if name in (EMBED, LM_HEAD):
+            # the union vocabulary: rows only the donor has are filled from the donor in B and T,
+            # so I − B = 0 there and the output row is the donor's own row
+            want = expected({name: filled(B[name], I[name])}, {name: filled(T[name], I[name])}, [I], [1.0], name)
+            assert torch.equal(got[name][49:], I[name][49:])
+        else:
+            want = expected(B, T, [I], [1.0], name)
+        torch.testing.assert_close(got[name], want, **SAME)
+
+
+# domain transfer: tied embeddings get the diff once
+
+
+def test_domain_transfer_tied_embeddings_get_the_diff_once(twin, family) -> None:
+    out = twin("domain-transfer.yml")
+    B, T, I, got = (tensors(p) for p in (family["tied_base"], family["tied_target"], family["tied_donor"], out))
+    assert LM_HEAD not in got and LM_HEAD not in T
+    assert config_json(out)["tie_word_embeddings"] is True
+    once = expected(B, T, [I], [1.0], EMBED)
+    torch.testing.assert_close(got[EMBED], once, **SAME)
+    assert not torch.equal(once, T[EMBED])  # the diff did go in
+    for name in T:
+        torch.testing.assert_close(got[name], expected(B, T, [I], [1.0], name), **SAME)
+    model, _ = loads_and_generates(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+# layer-aware: a weight gradient over layers, onto a target with an extended vocabulary
+
+
+def test_layer_aware_gradient_and_extended_vocabulary(twin, family) -> None:
+    out = twin("layer-aware.yml")
+    _, tokenizer = loads_and_generates(out)
+    target_tokenizer = AutoTokenizer.from_pretrained(family["extended_target"])
+    assert tokenizer.get_vocab() == target_tokenizer.get_vocab()
+    assert config_json(out)["vocab_size"] == len(target_tokenizer) == 49 + len(EXTENDED_TOKENS)
+    assert tokenizer.chat_template == INST_TEMPLATE and tokenizer.eos_token == "</s>"
+    generation = GenerationConfig.from_pretrained(out)
+    assert (generation.temperature, generation.top_p, generation.eos_token_id) == (0.6, 0.9, 2)
+
+    B, T, I, got = (tensors(p) for p in (family["base"], family["extended_target"], family["inst_donor"], out))
+    for name in (EMBED, LM_HEAD):
+        # the target-only token rows come out exactly as in the target
+        assert torch.equal(got[name][49:], T[name][49:])
+        want = expected({name: filled(B[name], T[name])}, T, [{name: filled(I[name], T[name])}], [1.0], name)
+        torch.testing.assert_close(got[name], want, **SAME)
+    # gradient [0.3, 0.6, 1.0] over 2 layers: layer 0 takes 0.3, layer 1 takes 1.0
+    for name in T:
+        if name.startswith("model.layers."):
+            weight = {0: 0.3, 1: 1.0}[int(name.split(".")[2])]
+            torch.testing.assert_close(got[name], expected(B, T, [I], [weight], name), **SAME)
+    torch.testing.assert_close(got["model.norm.weight"], expected(B, T, [I], [1.0], "model.norm.weight"), **SAME)
+
+
+# multi-donor: chat from one donor, RoPE from the other
+
+
+def test_multi_donor_takes_chat_and_rope_from_different_donors(twin, family) -> None:
+    out = twin("multi-donor.yml")
+    _, tokenizer = loads_and_generates(out)
+    assert tokenizer.chat_template == CHATML_TEMPLATE and tokenizer.eos_token == "<|im_end|>"
+    config = config_json(out)
+    assert config["rope_parameters"]["rope_theta"] == 500000.0 and config["max_position_embeddings"] == 512
+    assert config["eos_token_id"] == 50 and config["pad_token_id"] == 0
+
+    B, T, chat, rope, got = (
+        tensors(p) for p in (family["base"], family["target"], family["chat_donor"], family["rope_donor"], out)
+    )
+    for name in T:
+        if name in (EMBED, LM_HEAD):
+            fill = {m: {name: filled(s[name], chat[name])} for m, s in (("B", B), ("T", T), ("R", rope))}
+            want = expected(fill["B"], fill["T"], [chat, fill["R"]], [1.0, 1.0], name)
+        else:
+            want = expected(B, T, [chat, rope], [1.0, 1.0], name)
+        torch.testing.assert_close(got[name], want, **SAME)
+
+
+# chained: a sigmoid_diff output as the base of a SLERP step, through mergekit-multi
+
+
+def test_chained_recipe_keeps_step_one_config_and_tokenizer(twin, family) -> None:
+    out = twin("chained.yml")
+    step = out.parent / "steps" / "ko-chat"
+    assert (step / "config.json").exists() and (out / "config.json").exists()
+    _, tokenizer = loads_and_generates(out)
+    assert tokenizer.chat_template == INST_TEMPLATE
+    assert config_json(out)["pad_token_id"] == 0  # the target's, through step 1
+    B, T, I, first, final = (
+        tensors(p) for p in (family["base"], family["target"], family["inst_donor"], step, out)
+    )
+    for name in T:
+        torch.testing.assert_close(first[name], expected(B, T, [I], [1.0], name), **SAME)
+    # t = 0.0 at the last layer: SLERP returns step 1 there; t > 0 at layer 0 moves toward T
+    last = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(final[last], first[last], **SAME)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert (final[name] - T[name]).norm() < (first[name] - T[name]).norm()
+
+
+# a PEFT LoRA chat adapter as the donor, through mergekit's model+lora syntax
+
+
+@pytest.fixture(scope="session")
+def chat_adapter(family, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A seeded rank-4 LoRA on q/v projections of the base; returns it and the merged weights."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_pretrained(family["base"])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # peft starts lora_B at zero: make the adapter do something
+                parameter.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("adapter") / "chat-lora"
+    peft_model.save_pretrained(path)
+    merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    return path, merged
+
+
+def test_lora_adapter_donor(family, chat_adapter, tmp_path) -> None:
+    """Run in process (mergekit's run_merge, wrapped as under mergekit-yaml) to spare one
+    interpreter start; the twins above cover the command line."""
+    import mergekit.merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_sigmoid_diff.plugin import activate
+
+    adapter, merged = chat_adapter
+    recipe = twin_documents("chat-vector.yml", family)[0]
+    recipe["models"][1] = {"model": f"{family['base']}+{adapter}", "parameters": {"weight": 1.0}}
+    recipe.pop("tokenizer")
+    activate()
+    out = tmp_path / "lora-out"
+    options = MergeOptions(lora_merge_cache=str(tmp_path / "lora-cache"), quiet=True)
+    mergekit.merge.run_merge(MergeConfiguration.model_validate(recipe), str(out), options)
+    loads_and_generates(out)
+    B, T, got = tensors(family["base"]), tensors(family["target"]), tensors(out)
+    changed = [n for n in T if not torch.equal(merged[n], B[n])]
+    assert changed and all(".q_proj." in n or ".v_proj." in n for n in changed)
+    for name in T:
+        torch.testing.assert_close(got[name], expected(B, T, [merged], [1.0], name), rtol=0, atol=1e-6)
