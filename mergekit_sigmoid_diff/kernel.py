@@ -5,7 +5,7 @@ For one output tensor, with base B, target T and donors I_j with weights w_j:
     x      = (|T − B| − min) / (max − min)        min/max over the whole tensor, x ∈ [0, 1]
     ratio  = sigmoid(k · (x − m))                  k = steepness, m = midpoint
     out    = T + (1 − ratio) ⊙ Σ_j w_j · (I_j − B)
-    if max − min < eps: ratio = 0                  (the whole diff goes in)
+    if max − min < eps or max = min: ratio = 0     (the whole diff goes in)
 
 ``1 − ratio`` is the *applied fraction*: 1 where the target stayed near the base, → 0
 where it drifted furthest. It is computed as ``sigmoid(−k · (x − m))``, which equals
@@ -21,10 +21,12 @@ result is returned in that compute dtype unless ``out_dtype`` says otherwise.
 
 Memory and speed: the tensor is processed in chunks of CHUNK elements along its flat
 storage, in two passes. Pass 1 reads T and B for min and max of |T − B|; pass 2 computes
-the gate and the output chunk by chunk, writing straight into the output tensor. The
-upcast copies, the drift and the accumulator exist for one chunk at a time (a few MiB,
-kept in cache), so beyond its inputs the kernel holds the output plus O(CHUNK) scratch,
-on the inputs' device.
+the gate and the output chunk by chunk, writing straight into the output tensor (cast to
+``out_dtype`` as it is written). The upcast copies, the drift and the accumulator exist for
+one chunk at a time (five buffers of CHUNK elements, 1.25 MiB in float32), so beyond its
+inputs the kernel holds only the output, on the inputs' device. Measured on bf16 Llama
+tensors this costs no more CPU than mergekit's own bf16 ``task_arithmetic`` kernel
+(``scripts/benchmark_speed.py``).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ from mergekit_sigmoid_diff.normalization import (
 DEFAULT_STEEPNESS = 12.0
 DEFAULT_MIDPOINT = 0.5
 DEFAULT_EPS = 1e-6
-# Elements per chunk: 2**16 float32 = 256 KiB per scratch buffer; the five buffers of a
-# chunk stay in a 2 MiB L2 cache, and the per-operation overhead of torch stays small.
+# Elements per chunk: 2**16 float32 = 256 KiB per scratch buffer. The buffers an operation
+# touches stay in a 2 MiB L2 cache, and torch's ~5 µs overhead per call stays a small
+# share; 2**15, 2**17 and 2**18 measured no faster on bf16 Llama tensors.
 CHUNK = 1 << 16
 
 __all__ = [
@@ -133,9 +136,10 @@ def sigmoid_diff(
     - ``normalize``/``quantile``: how |T − B| becomes x (``minmax``, ``quantile``, ``rank``).
     - ``out_dtype``: dtype of the result (default: the compute dtype); each chunk is cast
       as it is written, so no full-size compute-dtype copy of the output ever exists.
-    - ``check_finite``: raise :class:`NonFiniteError` if the output holds NaN or Inf
-      (checked per chunk on the written values, or at once after pass 1 when T or B is
-      non-finite), instead of returning it.
+    - ``check_finite``: raise :class:`NonFiniteError` if the output holds NaN or Inf,
+      instead of returning it: judged from the min and max of every written chunk (a
+      by-product-sized reduction, no second pass over the output), or at once after pass 1
+      when T or B is non-finite.
 
     The result is a new tensor on the inputs' device; the inputs are not modified.
     """

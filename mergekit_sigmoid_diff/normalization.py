@@ -5,8 +5,9 @@ Notation, per output tensor (N elements, computed in the kernel's compute dtype)
     d        = |T − B| elementwise;  lo = min d,  hi = max d  (over the whole tensor)
     fraction = 1 − ratio = sigmoid(−k · (x − m))          k = steepness, m = midpoint
 
-For every option, ``hi − lo < eps`` means "the target did not drift": ratio = 0 and the
-whole diff goes in (the published notebook's branch). Otherwise:
+For every option, ``hi − lo < eps`` (or ``hi = lo``, which matters when eps = 0) means "the
+target did not drift": ratio = 0 and the whole diff goes in (the published notebook's
+branch). Otherwise:
 
 ``minmax`` (default; the published gate)
     x = (d − lo) / (hi − lo).  A single outlier sets the scale, so on heavy-tailed drift
@@ -14,9 +15,9 @@ whole diff goes in (the published notebook's branch). Otherwise:
 
 ``quantile`` (level p ∈ (0, 1], parameter ``quantile``, default 0.99)
     Q = the p-quantile of d (linear interpolation between order statistics, as
-    ``torch.quantile``), except Q = hi when p = 1;  s = Q − lo, or hi − lo if Q − lo < eps
-    (more than a fraction p of the elements share the smallest drift: sparse drift);
-    x = min(1, (d − lo) / s).  The top (1 − p) of the drift saturates at x = 1 instead of
+    ``torch.quantile``), except Q = hi when p = 1;  s = Q − lo, but s = hi − lo when
+    Q − lo < eps or Q = lo (more than a fraction p of the elements share the smallest
+    drift: sparse drift);  x = min(1, (d − lo) / s).  The top (1 − p) of the drift saturates at x = 1 instead of
     compressing everything else towards 0.  p = 1 is exactly ``minmax``.
 
 ``rank``
@@ -30,8 +31,8 @@ whole diff goes in (the published notebook's branch). Otherwise:
 Sample: when N ≤ SAMPLE_SIZE the "sample" is all of d (exact quantile and exact binned
 rank, S = N). Larger tensors use SAMPLE_SIZE elements drawn uniformly with replacement by
 a generator seeded with SAMPLE_SEED: the same tensor always yields the same sample, so
-reruns are byte-identical. With S = 65536 the estimated quantile level is within about
-±0.0008 of p (2 standard errors at p = 0.99), and the rank within about ±0.004.
+reruns are byte-identical. With S = 16384 the estimated quantile level is within about
+±0.0016 of p (2 standard errors at p = 0.99), and the rank within about ±0.008.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ Normalize = Literal["minmax", "quantile", "rank"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
 DEFAULT_NORMALIZE: Normalize = "minmax"
 DEFAULT_QUANTILE = 0.99
-SAMPLE_SIZE = 1 << 16
+# 2**14: the sample and its scale cost ~1 ms per tensor; 2**16 measured 4-12 ms more per
+# 6.3 M-element tensor (about +1 s on a 0.6B merge) for half the sampling error.
+SAMPLE_SIZE = 1 << 14
 SAMPLE_SEED = 0x5D1FF
 # float32 bit pattern >> 15 keeps sign (0 for d ≥ 0), 8 exponent and 8 significand bits.
 _RANK_SHIFT = 15
@@ -115,9 +118,12 @@ def drift_bins(drift: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _sample_indices(numel: int) -> torch.Tensor:
-    """SAMPLE_SIZE positions in [0, numel), uniform with replacement, fixed seed (CPU)."""
+    """SAMPLE_SIZE positions in [0, numel), uniform with replacement, fixed seed (CPU).
+
+    Sorted: the sample is the same multiset, and gathering in memory order is ~2× faster.
+    """
     generator = torch.Generator(device="cpu").manual_seed(SAMPLE_SEED)
-    return torch.randint(numel, (SAMPLE_SIZE,), generator=generator)
+    return torch.randint(numel, (SAMPLE_SIZE,), generator=generator).sort().values
 
 
 def sample_drift(base: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -126,21 +132,22 @@ def sample_drift(base: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -
     if numel <= SAMPLE_SIZE:
         return torch.sub(target.to(dtype), base.to(dtype)).abs_()
     index = _sample_indices(numel).to(target.device)
-    return torch.sub(target[index].to(dtype), base[index].to(dtype)).abs_()
+    picked = [torch.index_select(x, 0, index).to(dtype) for x in (target, base)]
+    return torch.sub(*picked).abs_()
 
 
 def sample_of(drift: torch.Tensor) -> torch.Tensor:
     """The sample of an already computed 1-D drift: the same positions as :func:`sample_drift`."""
     if drift.numel() <= SAMPLE_SIZE:
         return drift
-    return drift[_sample_indices(drift.numel()).to(drift.device)]
+    return torch.index_select(drift, 0, _sample_indices(drift.numel()).to(drift.device))
 
 
 def make_gate(
     normalize: str,
     lo: torch.Tensor,
     hi: torch.Tensor,
-    sample: Optional[Callable[[], torch.Tensor]],
+    sample: Callable[[], torch.Tensor],
     *,
     steepness: float,
     midpoint: float,
@@ -155,17 +162,16 @@ def make_gate(
     finite = bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
     if normalize != "minmax" and not finite:
         return NonFiniteGate()
-    if span < eps:
+    if span < eps or span == 0:  # span == 0 matters when eps = 0: never divide by it
         return None
     offset = lo if lo.item() != 0 else None  # d − 0 = d: no subtraction needed
     if normalize == "minmax" or (normalize == "quantile" and quantile == 1.0):
         # Non-finite input under minmax keeps the published formula's behaviour (NaN spreads).
         return MinMaxGate(offset, span, steepness, midpoint)
-    assert sample is not None
     drift_sample = sample()
     if normalize == "quantile":
         scale = (sample_quantile(drift_sample, quantile) - lo).item()
-        if scale < eps:
+        if scale < eps or scale == 0:
             scale = span
         return MinMaxGate(offset, scale, steepness, midpoint, cap=True)
     return TableGate(_rank_table(drift_sample, hi, steepness=steepness, midpoint=midpoint))

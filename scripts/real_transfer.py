@@ -23,10 +23,11 @@ Scores (held out: other plays, other questions than those trained on):
   (lower = B's chat behaviour kept).
 
 Only the top ``--layers`` decoder layers, the final norm and the tied embedding (through its
-output side) are trained, so a step costs about half a full step; everything else is frozen.
-Trained models, base replies, merges and scores are cached under ``--workdir`` (default
+output side) are trained, to keep a CPU step short; everything else is frozen.
+Trained models, base replies and scores are cached under ``--workdir`` (default
 ``~/.cache/mergekit-sigmoid-diff/real_transfer``, or ``$MERGEKIT_SIGMOID_DIFF_CACHE/real_transfer``);
-a rerun with the same settings only redraws the table and plot. Writes ``real_transfer.json``,
+merged models are deleted once scored (``--keep-merges`` keeps them); a rerun with the same
+settings only redraws the table and plot. Writes ``real_transfer.json``,
 ``real_transfer.md`` and ``real_transfer.png`` to ``--out``.
 """
 
@@ -121,8 +122,9 @@ class Clock:
     def run(self, phase: str, work: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         result = work()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-        print(f"[{phase}] {time.perf_counter() - start:.1f} s", flush=True)
+        elapsed = time.perf_counter() - start
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
+        print(f"[{phase}] {elapsed:.1f} s", flush=True)
         return result
 
 
@@ -370,39 +372,43 @@ def table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def marker_for(name: str) -> tuple[str, str]:
-    """Plot marker and colour: inputs as squares, sigmoid_diff as stars, matched task_arithmetic as diamonds."""
-    if name.startswith("sigmoid_diff"):
-        return "*", "tab:blue"
-    if name.startswith("task_arithmetic"):
-        return "D", "tab:orange"
-    return "s", {"B": "black", "T": "tab:red", "I": "tab:green"}[name[0]]
+MARKERS = {  # model name prefix → (marker, colour, legend label)
+    "sigmoid_diff defaults": ("*", "tab:blue", "sigmoid_diff defaults"),
+    "sigmoid_diff vocab+norms ungated": ("*", "tab:purple", "sigmoid_diff, vocab+norms ungated"),
+    "task_arithmetic @ λ_eff of sigmoid_diff defaults": ("D", "tab:blue", "task_arithmetic at its λ_eff"),
+    "task_arithmetic @ λ_eff of sigmoid_diff vocab+norms ungated": ("D", "tab:purple", "task_arithmetic at its λ_eff"),
+}
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Merges only (the inputs B, T, I sit far outside this range; their scores are in the caption)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     sweep = [r for r in rows if r["model"].startswith("task_arithmetic λ=")]
-    sweep_names = {r["model"] for r in sweep}
-    for ax, key, label in ((axes[0], "feature_prob", "P(ANSWER: | Quiz prompt) ↑"), (axes[1], "chat_nll", "chat NLL of base replies ↓")):
+    panels = ((axes[0], "feature_prob", "P(ANSWER: | Quiz prompt) ↑"), (axes[1], "chat_nll", "chat NLL of base replies (nats) ↓"))
+    for ax, key, label in panels:
         ax.plot([r["shakespeare_ppl"] for r in sweep], [r[key] for r in sweep], "o-", color="tab:gray", label="task_arithmetic λ sweep")
+        for r in sweep:
+            ax.annotate(f"λ={r['model'].split('=')[-1]}", (r["shakespeare_ppl"], r[key]), fontsize=7, color="tab:gray", xytext=(4, -9), textcoords="offset points")
         for r in rows:
-            if r["model"] in sweep_names:
-                ax.annotate(r["model"].split("=")[-1], (r["shakespeare_ppl"], r[key]), fontsize=7, color="tab:gray")
-                continue
-            marker, colour = marker_for(r["model"])
-            ax.plot(r["shakespeare_ppl"], r[key], marker, color=colour, markersize=9)
-            ax.annotate(r["model"], (r["shakespeare_ppl"], r[key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            if r["model"] in MARKERS:
+                marker, colour, legend = MARKERS[r["model"]]
+                ax.plot(r["shakespeare_ppl"], r[key], marker, color=colour, markersize=11 if marker == "*" else 7, label=f"{legend} ({r['lambda_eff']:.2f})", linestyle="none")
         ax.set_xlabel("held-out Shakespeare perplexity ↓")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower right")
+    inputs = {r["model"][0]: r for r in rows if r["model"][:2] in ("B ", "T ", "I ")}
+    caption = "   ".join(
+        f"{k}: ppl {r['shakespeare_ppl']:.1f}, P {r['feature_prob']:.3f}, chat NLL {r['chat_nll']:.3f}" for k, r in inputs.items()
+    )
     fig.suptitle("SmolLM2-135M-Instruct: T = Shakespeare CPT, I = 'Quiz: → ANSWER:' fine-tune (mean over seeds)")
-    fig.tight_layout()
+    fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=90)
 
 
@@ -421,6 +427,7 @@ class Context:
     probe: Probe
     threads: int
     lambdas: list[float]
+    keep_merges: bool
     clock: Clock
 
 
@@ -448,13 +455,12 @@ def prepare(settings: Settings, args: argparse.Namespace, clock: Clock) -> Conte
         plain=[labelled(prompt_ids(tokenizer, q), prefix) for q in test_questions],
         pad=tokenizer.pad_token_id,
     )
-    return Context(base, workdir, tokenizer, replies, train_questions, probe, args.threads, args.lambdas, clock)
+    return Context(base, workdir, tokenizer, replies, train_questions, probe, args.threads, args.lambdas, args.keep_merges, clock)
 
 
 def trained_pair(settings: Settings, ctx: Context) -> tuple[Path, Path]:
     """The target and donor for ``settings`` (trained now unless cached)."""
-    rng = random.Random(settings.seed)
-    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)  # the seed sets the order of the training data (no dropout)
     tokenizer, replies, pad, clock = ctx.tokenizer, ctx.replies, ctx.probe.pad, ctx.clock
     target = ctx.workdir / f"target-{settings.key('seed', 'layers', 'target_steps', 'target_lr', 'batch')}"
     if not (target / "config.json").is_file():
@@ -499,13 +505,15 @@ def run_seed(settings: Settings, ctx: Context) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def evaluate(name: str, path: Path, recipe: Callable[[], dict[str, Any]] | None) -> None:
-        if recipe is not None:
-            clock.run("merge", lambda: run_merge(recipe(), path, ctx.threads))
         if name not in cache:
+            if recipe is not None:
+                clock.run("merge", lambda: run_merge(recipe(), path, ctx.threads))
             lam = None if recipe is None else clock.run("lambda_eff", lambda: effective_lambda(path, target, donor, base))
             model = load(path)
             cache[name] = {"lambda_eff": lam, **clock.run("score", lambda: score(model, ctx.probe))}
             scores_path.write_text(json.dumps(cache, indent=1))
+            if recipe is not None and not ctx.keep_merges:  # 540 MB each; the scores are cached
+                shutil.rmtree(path)
         rows.append({"model": name, "seed": settings.seed, **cache[name]})
         print(f"seed {settings.seed} {name}: {cache[name]}", flush=True)
 
@@ -537,7 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "real")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (data order)")
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.85, 1.0])
+    parser.add_argument("--keep-merges", action="store_true", help="keep the merged models (deleted once scored)")
     fields = [f for f in asdict(Settings()) if f != "seed"]
     for field in fields:
         value = getattr(Settings(), field)

@@ -97,6 +97,14 @@ def test_constant_drift_takes_the_whole_diff_for_every_option(normalize):
     assert torch.equal(gate_of([0.3] * 5, normalize=normalize), torch.ones(5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+def test_zero_eps_still_takes_the_whole_diff_when_nothing_drifted(normalize):
+    # eps = 0 is allowed; a constant drift must not divide by its zero span
+    assert torch.equal(gate_of([0.3] * 5, normalize=normalize, eps=0.0), torch.ones(5, dtype=torch.float64))
+    sparse = gate_of([0.0] * 9 + [5.0], normalize=normalize, eps=0.0, quantile=0.5)
+    assert torch.isfinite(sparse).all() and sparse[0] > 0.99 and sparse[-1] < 0.01
+
+
 def test_a_large_tensor_uses_a_deterministic_sample_close_to_the_exact_statistics():
     n = 4 * SAMPLE_SIZE + 17
     generator = torch.Generator().manual_seed(4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,8 @@ from typing import Any, Callable
 import pytest
 import torch
 import yaml
-from mergekit.config import MergeConfiguration
+from mergekit import merge_methods
+from mergekit.config import ConditionalParameter, MergeConfiguration, evaluate_setting
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from mergekit_sigmoid_diff import kernel, preflight, register
@@ -196,8 +198,43 @@ def loads_and_generates(out: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def shared_settings(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (doc.get("parameters") or {}).items() if k in ("steepness", "midpoint", "eps", "gate")}
+
+
+# Every recipe carries the same recommended gate settings (test below); the twins' expected
+# values resolve them per tensor as mergekit does: gradients over the 2 layers, filters.
+RECOMMENDED = shared_settings(recipe_documents(RECIPES / "chat-vector.yml")[0])
+
+
+def test_every_recipe_carries_the_recommended_gate_settings() -> None:
+    assert RECOMMENDED["midpoint"] == [0.3, 0.7]
+    assert {"filter": "lm_head", "value": False} in RECOMMENDED["gate"]
+    for path in sorted(RECIPES.glob("*.yml")):
+        for doc in recipe_documents(path):
+            if doc["merge_method"] == "sigmoid_diff":
+                assert shared_settings(doc) == RECOMMENDED, path.name
+
+
+def knobs(name: str, layers: int = 2) -> dict[str, Any]:
+    specs = {p.name: p for p in merge_methods.get("sigmoid_diff").spec.parameters}
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    t = int(match.group(1)) / (layers - 1) if match else 0.0
+    return {
+        key: evaluate_setting(name, _setting(value), t, validate=specs[key].validate)
+        for key, value in RECOMMENDED.items()
+    }
+
+
+def _setting(value: Any) -> Any:
+    """YAML filter entries as mergekit's ConditionalParameter, other settings as they are."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [ConditionalParameter.model_validate(entry) for entry in value]
+    return value
+
+
 def expected(base: dict, target: dict, donors: list[dict], weights: list[float], name: str) -> torch.Tensor:
-    return kernel.sigmoid_diff(base[name], target[name], [d[name] for d in donors], weights)
+    return kernel.sigmoid_diff(base[name], target[name], [d[name] for d in donors], weights, **knobs(name))
 
 
 def filled(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

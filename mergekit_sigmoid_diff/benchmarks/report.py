@@ -143,6 +143,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     styles = {
         "reference": dict(marker="*", color="black", ms=11),
         "sigmoid_diff": dict(marker="o", color="tab:red", ms=6),
+        "varm": dict(marker="P", color="tab:orange", ms=7),
         "matched": dict(marker="x", color="tab:purple", ms=6),
         "task_arithmetic": dict(marker="s", color="tab:blue", ms=5),
         "other": dict(marker="D", color="tab:green", ms=5),
@@ -159,7 +160,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             elif e["kind"] == "matched":
                 family = "matched"
             elif e["method"] in ("sigmoid_diff", "varm"):
-                family = "sigmoid_diff"
+                family = e["method"]
             elif e["method"] == "task_arithmetic":
                 family = "task_arithmetic"
                 sweep_x.append(m[k]["mean"])
@@ -171,7 +172,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 alpha=0.75, label=None if family in seen else family, **styles[family],
             )
             seen.add(family)
-            if family in ("reference", "other", "task_arithmetic") or label == "sigmoid_diff (defaults)":
+            if family in ("reference", "other", "task_arithmetic", "varm") or label == "sigmoid_diff (defaults)":
                 short = label.replace("sigmoid_diff ", "sd ").replace("task_arithmetic ", "TA ").split(" d=")[0]
                 ax.annotate(short, (m[k]["mean"], m[f]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if sweep_x:
@@ -186,14 +187,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _rounded(value: Any, digits: int = 4) -> Any:
+def rounded(value: Any, digits: int = 4) -> Any:
     """``value`` with every float rounded (keeps results.json small and diff-friendly)."""
     if isinstance(value, float):
         return round(value, digits)
     if isinstance(value, dict):
-        return {k: _rounded(v, digits) for k, v in value.items()}
+        return {k: rounded(v, digits) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rounded(v, digits) for v in value]
+        return [rounded(v, digits) for v in value]
     return value
 
 
@@ -204,7 +205,7 @@ def write(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> di
     summary = summarise(rows)
     slim = [{k: v for k, v in row.items() if k not in ("recipe", "key")} for row in rows]
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "quality.png"}
-    paths["json"].write_text(json.dumps(_rounded({"meta": meta, "summary": summary, "rows": slim}), indent=1))
+    paths["json"].write_text(json.dumps(rounded({"meta": meta, "summary": summary, "rows": slim}), indent=1))
     paths["md"].write_text(markdown(summary) + "\n" + "\n".join(f"- {n}" for n in meta.get("notes", [])) + "\n")
     plot(summary, paths["png"])
     return paths

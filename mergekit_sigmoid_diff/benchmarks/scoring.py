@@ -6,17 +6,17 @@ All metrics are fractions in [0, 1] except ``chat_nll`` and ``base_nll`` (nats):
   ``<s>NAME lives in`` and the 8 candidate values; correct if the true value's
   continuation has the highest log-probability (chance 1/8).
 - ``raw_acc_domain``  the same over the domain donor's entities.
-- ``raw_acc_base``  the same over the base entities (what pretraining taught).
 - ``format``  donor feature (chat): the greedy answer to ``<|user|>Q<|end|><|assistant|>`` about
   a ``new`` entity is the question's answer sentence (any 5-letter subject, any valid value)
   followed by ``<|end|>``.
 - ``chat_acc``  both at once: the greedy answer is exactly the true sentence + ``<|end|>``.
 - ``chat_nll``  nats of the true answer (sentence + ``<|end|>``) given the chat prompt,
   mean over the ``new`` entities' facts: low = the target's facts are reachable in chat.
-- ``passkey``  donor feature (long): exact greedy recall of a 5-digit key placed in the
+- ``passkey``  (long) exact greedy recall of a 5-digit key placed in the
   first half of a document of 4× the base's training length.
 - ``long_acc``  donor feature (long): top-1 next-token accuracy at positions ≥ the base's
   training length in raw documents 4× that long (the base never saw those positions).
+- ``long_x_knowledge``, ``domain_x_knowledge``  feature × ``raw_acc_new``: both sides at once.
 - ``base_nll``  nats per token on fresh raw text about the base entities.
 """
 

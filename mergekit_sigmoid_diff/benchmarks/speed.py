@@ -90,8 +90,9 @@ class LlamaShape:
 
 
 def _synthetic_weights(name: str, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, ...]:
-    """(B, T, I) in bf16: B ~ N(0, 0.02²) (norms 1 + that), T = B + heavy-tailed drift of
-    typical size 0.002 (Student-t with 2 d.o.f.), I = B + N(0, 0.001²)."""
+    """(B, T, I) in bf16: B ~ N(0, 0.02²) (norms 1 + that), T = B + (0.002 / 3)·t₂ with t₂
+    Student-t with 2 d.o.f. (median |drift| ≈ 0.0005, a few elements far larger),
+    I = B + N(0, 0.001²)."""
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator).mul_(0.02)
     if name.endswith("norm.weight"):

@@ -139,8 +139,8 @@ def chat_document(entities: list[Entity], length: int, codec: Codec, rng: random
 def passkey_document(filler: list[Entity], length: int, codec: Codec, rng: random.Random) -> tuple[list[int], str]:
     """``length`` tokens of fact text with ``the passkey is NNNNN.`` at a random place in
     the first half and ``what is the passkey? the passkey is NNNNN.`` at the end.
-    Returns the ids and the key; the key's digits are the last ``PASSKEY_DIGITS + 1`` ids
-    before the final period."""
+    Returns the ids and the key; the last ``PASSKEY_DIGITS + 1`` ids are the key's digits
+    and the final period."""
     key = "".join(rng.choice("0123456789") for _ in range(PASSKEY_DIGITS))
     needle = codec.text(f"the passkey is {key}. ")
     question = codec.text(f" what is the passkey? the passkey is {key}.")
