@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 
 from mergekit_sigmoid_diff.tiny import build_triple
 
@@ -17,3 +18,13 @@ def triple(tmp_path_factory):
 def triple2(tmp_path_factory):
     """base, target and two donors, float32."""
     return build_triple(tmp_path_factory.mktemp("triple2"), seed=10, donors=2)
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch):
+    """Fail the test if any tensor data is read."""
+
+    def refuse(self, key, *args, **kwargs):
+        raise AssertionError(f"tensor {key} was read before the error")
+
+    monkeypatch.setattr(LazyTensorLoader, "get_tensor", refuse)

@@ -16,7 +16,6 @@ from typing import Any, Callable
 import pytest
 import torch
 from mergekit.config import MergeConfiguration
-from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
@@ -130,16 +129,6 @@ def assert_left_nothing(out: Path) -> None:
     assert not out.exists()
     leftovers = [p for p in out.parent.iterdir() if p.name.startswith(out.name) and p.is_dir()]
     assert leftovers == []
-
-
-@pytest.fixture
-def no_tensor_reads(monkeypatch):
-    """Fail the test if any tensor data is read."""
-
-    def refuse(self, key, *args, **kwargs):
-        raise AssertionError(f"tensor {key} was read before the error")
-
-    monkeypatch.setattr(LazyTensorLoader, "get_tensor", refuse)
 
 
 # --- errors found before any tensor is read -----------------------------------------------

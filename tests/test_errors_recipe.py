@@ -11,7 +11,7 @@ from mergekit.merge_methods import registry
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.preflight import check_recipe
-from tests.test_errors_models import merge_in_process, no_tensor_reads  # noqa: F401
+from tests.test_errors_models import merge_in_process
 
 
 def normalize_options() -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.reference import published_formula
-from tests.util import load_model_tensors, run_mergekit_yaml
+from tests.util import load_model_tensors, one_donor_recipe, run_mergekit_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +37,7 @@ def assert_matches(out_dir, paths, params_for, tolerance=2e-6):
 @pytest.fixture(scope="module")
 def one_donor_merge(triple, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "one"
-    recipe = {
-        "merge_method": "sigmoid_diff",
-        "base_model": str(triple["base"]),
-        "models": [
-            {"model": str(triple["target"]), "parameters": {"role": "target"}},
-            {"model": str(triple["donors"][0])},
-        ],
-        "dtype": "float32",
-    }
+    recipe = one_donor_recipe(triple, dtype="float32")
     result = run_mergekit_yaml(recipe, out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -89,16 +81,7 @@ def test_two_donors_weights_gradient_and_filter(triple2, tmp_path):
 
 
 def test_bf16_compute_dtype_and_out_dtype_are_honoured(triple, tmp_path):
-    recipe = {
-        "merge_method": "sigmoid_diff",
-        "base_model": str(triple["base"]),
-        "models": [
-            {"model": str(triple["target"]), "parameters": {"role": "target"}},
-            {"model": str(triple["donors"][0])},
-        ],
-        "dtype": "bfloat16",
-        "out_dtype": "bfloat16",
-    }
+    recipe = one_donor_recipe(triple, dtype="bfloat16", out_dtype="bfloat16")
     result = run_mergekit_yaml(recipe, tmp_path / "bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     out = load_model_tensors(tmp_path / "bf16")

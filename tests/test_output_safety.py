@@ -18,7 +18,7 @@ import safetensors.torch
 
 from mergekit_sigmoid_diff import staging
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from tests.test_errors_models import assert_left_nothing, looks_finished, merge_in_process, no_tensor_reads  # noqa: F401
+from tests.test_errors_models import assert_left_nothing, looks_finished, merge_in_process
 from tests.util import MERGEKIT_YAML, write_recipe
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import mergekit_sigmoid_diff
 from mergekit_sigmoid_diff import register
-from tests.util import run_mergekit_yaml
+from tests.util import one_donor_recipe, run_mergekit_yaml
 
 REPO = Path(mergekit_sigmoid_diff.__file__).resolve().parent.parent
 PTH_LINE = (REPO / "mergekit_sigmoid_diff" / "mergekit_sigmoid_diff_hook.pth").read_text()
@@ -69,14 +69,7 @@ def test_wrapper_works_where_the_hook_cannot(triple, tmp_path):
     import mergekit
 
     env = {"PYTHONPATH": os.pathsep.join([str(Path(mergekit.__file__).parent.parent), str(REPO)])}
-    recipe = {
-        "merge_method": "sigmoid_diff",
-        "base_model": str(triple["base"]),
-        "models": [
-            {"model": str(triple["target"]), "parameters": {"role": "target"}},
-            {"model": str(triple["donors"][0])},
-        ],
-    }
+    recipe = one_donor_recipe(triple)
     plain = run_mergekit_yaml(
         recipe, tmp_path / "plain", command=[sys.executable, "-S", "-m", "mergekit.scripts.run_yaml"], env=env
     )

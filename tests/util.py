@@ -15,6 +15,19 @@ from safetensors.torch import load_file
 MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
 
 
+def one_donor_recipe(paths: dict[str, Any], **top: Any) -> dict[str, Any]:
+    """A sigmoid_diff recipe over a ``build_triple`` triple: its target and first donor."""
+    return {
+        "merge_method": "sigmoid_diff",
+        "base_model": str(paths["base"]),
+        "models": [
+            {"model": str(paths["target"]), "parameters": {"role": "target"}},
+            {"model": str(paths["donors"][0])},
+        ],
+        **top,
+    }
+
+
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
