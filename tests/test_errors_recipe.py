@@ -12,6 +12,7 @@ from mergekit.merge_methods import registry
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.preflight import check_recipe
 from tests.test_errors_models import merge_in_process
+from tests.util import one_donor_recipe
 
 
 def normalize_options() -> tuple[str, ...]:
@@ -22,16 +23,7 @@ def normalize_options() -> tuple[str, ...]:
 
 def recipe(triple=None, parameters=None, **top) -> dict:
     paths = triple or {"base": "/models/base", "target": "/models/target", "donors": ["/models/donor"]}
-    return {
-        "merge_method": "sigmoid_diff",
-        "base_model": str(paths["base"]),
-        "models": [
-            {"model": str(paths["target"]), "parameters": {"role": "target"}},
-            {"model": str(paths["donors"][0])},
-        ],
-        "parameters": parameters or {},
-        **top,
-    }
+    return one_donor_recipe(paths, parameters=parameters or {}, **top)
 
 
 def test_normalize_declares_its_options():

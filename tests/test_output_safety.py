@@ -19,18 +19,11 @@ import safetensors.torch
 from mergekit_sigmoid_diff import staging
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from tests.test_errors_models import assert_left_nothing, looks_finished, merge_in_process
-from tests.util import MERGEKIT_YAML, write_recipe
+from tests.util import MERGEKIT_YAML, one_donor_recipe, write_recipe
 
 
 def recipe(triple) -> dict:
-    return {
-        "merge_method": "sigmoid_diff",
-        "base_model": str(triple["base"]),
-        "models": [
-            {"model": str(triple["target"]), "parameters": {"role": "target"}},
-            {"model": str(triple["donors"][0])},
-        ],
-    }
+    return one_donor_recipe(triple)
 
 
 # --- OUT is taken or unwritable: refused before anything is read ------------------------
