@@ -155,6 +155,10 @@ def _check_roles(where: str, base: Any, models: Sequence[tuple[Any, list[Setting
                 f"role of model {model} in {where} must be a single value (target or donor), "
                 "not a gradient or filter"
             )
+        if role == "target" and "weight" in own:
+            raise SigmoidDiffError(
+                f"weight applies to donors; model {model} in {where} is the target (its diff is kept whole)"
+            )
         (targets if role == "target" else donors).append(model)
     if len(targets) != 1:
         found = ", ".join(str(m) for m in targets) or "none"

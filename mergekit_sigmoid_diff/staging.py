@@ -141,10 +141,10 @@ def _sigterm_raises() -> Iterator[None]:
 def _publish(stage: Path, out: Path) -> None:
     """Name OUT in the model card, then move the finished merge to OUT."""
     card = stage / "README.md"
-    if card.is_file():
-        text = card.read_text(encoding="utf-8")
-        card.write_text(text.replace(stage.name, out.name), encoding="utf-8")
     try:
+        if card.is_file():
+            text = card.read_text(encoding="utf-8")
+            card.write_text(text.replace(stage.name, out.name), encoding="utf-8")
         os.rename(stage, out)  # replaces OUT only if it is (still) an empty folder
     except OSError as error:
         raise SigmoidDiffError(

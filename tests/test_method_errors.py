@@ -53,6 +53,10 @@ CASES = {
     "infinite eps": (recipe(parameters={"eps": math.inf}), r"parameter eps=inf .*finite"),
     "misspelt parameter": (recipe(parameters={"steepnes": 12}), r"unknown parameter 'steepnes' .*did you mean 'steepness'"),
     "shared parameter on a model": (recipe(donor_params={"midpoint": 0.4}), r"'midpoint' in the parameters of model /models/donor is shared"),
+    "weight on the target": (
+        recipe(target_params={"role": "target", "weight": 0.5}),
+        r"weight applies to donors; model /models/target in models is the target",
+    ),
     "missing base_model": (recipe(base_model=None), r"needs base_model"),
     "role on the base": (
         {**recipe(), "models": recipe()["models"] + [{"model": "/models/base", "parameters": {"role": "donor"}}]},
