@@ -15,10 +15,13 @@ break unrelated programs (a failing callback only warns).
 import sys
 
 # module imported by mergekit -> function of mergekit_sigmoid_diff.plugin called with it
+# (the same table as plugin.CALLBACKS, which a test compares; kept here so that start-up
+# imports nothing)
 _CALLBACKS = {
     "mergekit.merge_methods.registry": "on_registry",
     "mergekit.merge": "on_merge",
-    "mergekit.scripts.run_yaml": "on_run_yaml",
+    "mergekit.scripts.run_yaml": "on_cli",
+    "mergekit.scripts.multimerge": "on_cli",
 }
 
 

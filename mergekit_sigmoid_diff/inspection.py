@@ -9,19 +9,25 @@ Per output tensor, with base B, target T, donors I_j with weights w_j, and the p
 mergekit resolved for that tensor:
 
     D                    = Σ_j w_j (I_j − B)      the donor diff the gate scales
+    mode                 = plain | elementwise | subspace   (:meth:`kernel.GateSettings.mode`)
     f                    = 1 − ratio              :func:`kernel.applied_fraction_` of |T − B|
                                                   (f = 1 everywhere when ``gate: false``)
     applied_fraction     = mean(f)                share of each element's diff that goes in
+                                                  (subspace: = weighted_fraction)
     weighted_fraction    = Σ f·D² / Σ D²          the same, weighted by the diff's energy; for
                                                   one donor, w · this is the tensor's λ_eff
                                                   = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩
+                           (subspace: ‖D'‖² / ‖D‖², D' the projected diff: an orthogonal
+                           projection P has ⟨PD, D⟩ = ‖PD‖²)
+    removed_share        = 1 − ‖D'‖² / ‖D‖²       subspace only: the share of the diff's energy
+                                                  the projection removes; protected_rank = r
     target_drift_mean/max = mean / max of |T − B| (weight units)
     donor_diff_mean/max  = mean / max of |D|      (weight units)
     donor_energy         = Σ D²                   (weight units²)
 
 Aggregates (per layer × tensor kind, and per kind over the whole model) are element-
-weighted means (Σ numel·value / Σ numel), maxima of maxima, and for weighted_fraction the
-energy-weighted mean (Σ donor_energy·value / Σ donor_energy). The kinds are q, k, v, o,
+weighted means (Σ numel·value / Σ numel), maxima of maxima, and for weighted_fraction and
+removed_share the energy-weighted mean (Σ donor_energy·value / Σ donor_energy). The kinds are q, k, v, o,
 gate, up, down, input_norm, post_norm per layer and embed, final_norm, lm_head for the
 whole model; other tensors take their module's name. Quantities here are unitless except
 the |T − B| and |D| scales.
@@ -30,11 +36,8 @@ the |T − B| and |D| scales.
 from __future__ import annotations
 
 import argparse
-import inspect as pyinspect
 import json
-import os
 import re
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,7 +45,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mergekit_sigmoid_diff import kernel
-from mergekit_sigmoid_diff.errors import SigmoidDiffError
+from mergekit_sigmoid_diff.errors import SigmoidDiffError, reported
+from mergekit_sigmoid_diff.kernel import GateSettings
 
 METHOD = "sigmoid_diff"
 
@@ -90,7 +94,7 @@ class TensorReport:
     layer: Optional[int]
     kind: str
     numel: int
-    gate: bool
+    mode: str
     parameters: dict[str, Any]
     weights: dict[str, float]
     applied_fraction: float
@@ -100,17 +104,8 @@ class TensorReport:
     donor_diff_mean: float
     donor_diff_max: float
     donor_energy: float
-
-
-def kernel_options(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The resolved parameters that :func:`kernel.applied_fraction_` takes (steepness,
-    midpoint, eps, and any option it grows later, such as ``normalize``)."""
-    accepted = {
-        p.name
-        for p in pyinspect.signature(kernel.applied_fraction_).parameters.values()
-        if p.kind == pyinspect.Parameter.KEYWORD_ONLY
-    }
-    return {k: v for k, v in parameters.items() if k in accepted}
+    removed_share: Optional[float] = None  # subspace mode only
+    protected_rank: Optional[int] = None
 
 
 def tensor_report(
@@ -119,47 +114,55 @@ def tensor_report(
     target: torch.Tensor,
     donors: Sequence[torch.Tensor],
     weights: Sequence[float],
-    parameters: dict[str, Any],
+    settings: GateSettings,
+    *,
+    vocabulary: bool = False,
+    parameters: Optional[dict[str, Any]] = None,
     donor_names: Sequence[str] = (),
 ) -> TensorReport:
-    """Statistics of one tensor under ``parameters`` (``gate`` plus the kernel options).
+    """Statistics of one tensor under ``settings``, as a merge would treat it.
 
     Arithmetic in the kernel's compute dtype (float32, float64 if any input is), as in a merge.
     Memory beyond the inputs: two full-size buffers (D, and |T − B| turned into f in place)
     plus one transient diff per donor.
     """
     dtype = kernel.compute_dtype(base, target, *donors)
-    b = base.to(dtype)
-    diff = torch.zeros_like(b)
-    for donor, weight in zip(donors, weights):
-        diff.add_(donor.to(dtype) - b, alpha=weight)
-    drift = torch.sub(target.to(dtype), b).abs_()
-    del b  # an upcast copy of the base is not needed any more
+    mode = settings.mode(target.dim(), vocabulary)
+    diff = kernel.donor_diff(base, donors, weights, dtype)
+    drift = torch.sub(target.to(dtype), base.to(dtype)).abs_()
     drift_mean, drift_max = drift.mean().item(), drift.max().item()
-    gate = bool(parameters.get("gate", True))
-    if gate:
-        fraction = kernel.applied_fraction_(drift, **kernel_options(parameters))
-    else:
-        fraction = drift.fill_(1.0)
-    applied = fraction.mean().item()
     total_energy = torch.linalg.vector_norm(diff).item() ** 2
-    kept_energy = fraction.mul_(diff).mul_(diff).sum().item()  # f·D², in place
+    removed = rank = None
+    if mode == "subspace":
+        del drift
+        projected, basis = kernel.protected_diff(base, target, donors, weights, settings)
+        kept = torch.linalg.vector_norm(projected).item() ** 2 / total_energy if total_energy > 0 else None
+        removed, rank = (None if kept is None else 1.0 - kept), basis.rank
+        applied = 1.0 if kept is None else kept
+        del projected
+    else:
+        fraction = kernel.applied_fraction_(drift, settings) if mode == "elementwise" else drift.fill_(1.0)
+        applied = fraction.mean().item()
+        kept_energy = fraction.mul_(diff).mul_(diff).sum().item()  # f·D², in place
+        kept = kept_energy / total_energy if total_energy > 0 else None
     diff.abs_()
     return TensorReport(
         name=name,
         layer=layer_index(name),
         kind=tensor_kind(name),
         numel=diff.numel(),
-        gate=gate,
-        parameters={k: v for k, v in parameters.items() if k not in ("role", "weight")},
+        mode=mode,
+        parameters={k: v for k, v in (parameters or {}).items() if k not in ("role", "weight")},
         weights=dict(zip(donor_names or [str(j) for j in range(len(donors))], weights)),
         applied_fraction=applied,
-        weighted_fraction=kept_energy / total_energy if total_energy > 0 else None,
+        weighted_fraction=kept,
         target_drift_mean=drift_mean,
         target_drift_max=drift_max,
         donor_diff_mean=diff.mean().item(),
         donor_diff_max=diff.max().item(),
         donor_energy=total_energy,
+        removed_share=removed,
+        protected_rank=rank,
     )
 
 
@@ -193,6 +196,8 @@ def _report_task_type():
     from mergekit.graph import Task
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
+    from mergekit_sigmoid_diff.method import ROLE, split_roles
+
     class TensorReportTask(Task[Optional[TensorReport]]):
         merge: ExecuteMergeMethodTask
 
@@ -209,23 +214,29 @@ def _report_task_type():
             merge = self.merge
             name = merge.output_weight.name
             base = merge.base_model
-            roles = {m: merge.input_parameters[m]["role"] for m in merge.model_order if m != base}
-            targets = [m for m, r in roles.items() if r == "target"]
-            donors = [m for m, r in roles.items() if r == "donor"]
-            needed = [base, *targets, *donors]
+            models = [m for m in merge.model_order if m != base]
+            target, donors = split_roles(
+                models,
+                [merge.input_parameters[m][ROLE] for m in models],
+                [merge.input_parameters[m]["weight"] for m in models],
+            )
+            needed = [base, target, *(m for m, _ in donors)]
             if any(m not in tensors for m in needed) or not tensors[base].is_floating_point():
                 return None  # an optional tensor absent from some model, or an integer buffer
             for model in needed:
                 if not torch.isfinite(tensors[model]).all():
                     raise SigmoidDiffError(f"inspect: tensor {name} of model {model} contains NaN or Inf")
+            parameters = dict(merge.parameters.items())
             return tensor_report(
                 name,
                 tensors[base],
-                tensors[targets[0]],
-                [tensors[m] for m in donors],
-                [merge.input_parameters[m]["weight"] for m in donors],
-                dict(merge.parameters.items()),
-                donor_names=[str(m) for m in donors],
+                tensors[target],
+                [tensors[m] for m, _ in donors],
+                [w for _, w in donors],
+                GateSettings.from_parameters(parameters),
+                vocabulary=merge.output_weight.vocabulary_axis is not None,
+                parameters=parameters,
+                donor_names=[str(m) for m, _ in donors],
             )
 
     return TensorReportTask
@@ -237,12 +248,8 @@ def inspect_recipe(recipe: Path, *, quiet: bool = False) -> tuple[list[TensorRep
     Returns the reports in mergekit's output order and the names of the tensors skipped
     (optional tensors missing from a model; integer buffers).
     """
-    from mergekit.architecture import get_architecture_info
     from mergekit.graph import Executor
-    from mergekit.io.tasks import LoaderCache, SaveTensor
-    from mergekit.merge import _model_out_config
     from mergekit.options import MergeOptions
-    from mergekit.plan import MergePlanner
 
     from mergekit_sigmoid_diff import preflight
     from mergekit_sigmoid_diff.plugin import activate
@@ -253,14 +260,7 @@ def inspect_recipe(recipe: Path, *, quiet: bool = False) -> tuple[list[TensorRep
     # the same one-line errors as mergekit-yaml, from the recipe and the model headers alone
     preflight.check_recipe(config)
     preflight.check_models(config, options)
-    arch = get_architecture_info(config, options)
-    LoaderCache().setup(options)
-    # the output config fixes the output layer count for slice recipes, as in run_merge
-    out_config = _model_out_config(config, arch, trust_remote_code=options.trust_remote_code)
-    # plan_in_memory() fails in mergekit 0.1.5 (its ReturnTensor does not validate), so take
-    # the merge steps from the on-disk plan; its writer tasks are never executed here.
-    planner = MergePlanner(config, arch, options=options, out_model_config=out_config)
-    planned = [t.tensor_task for t in planner.plan_to_disk(out_path=os.devnull) if isinstance(t, SaveTensor)]
+    planned = preflight.planned_merges(config, options)
     task_type = _report_task_type()
     results = {
         task.merge.output_weight.name: report
@@ -282,6 +282,8 @@ class _Cell:
     diff_max: float = 0.0
     energy: float = 0.0
     kept_energy: float = 0.0  # Σ donor_energy · weighted_fraction
+    projected_energy: float = 0.0  # Σ donor_energy over the projected tensors
+    removed_energy: float = 0.0  # Σ donor_energy · removed_share
     tensors: int = 0
 
     def add(self, r: TensorReport) -> None:
@@ -295,6 +297,13 @@ class _Cell:
         if r.weighted_fraction is not None:
             self.energy += r.donor_energy
             self.kept_energy += r.donor_energy * r.weighted_fraction
+        if r.removed_share is not None:
+            self.projected_energy += r.donor_energy
+            self.removed_energy += r.donor_energy * r.removed_share
+
+    @property
+    def removed_share(self) -> Optional[float]:
+        return self.removed_energy / self.projected_energy if self.projected_energy > 0 else None
 
 
 def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
@@ -313,6 +322,7 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
         [cells[(row, k)].fraction_sum / cells[(row, k)].numel if (row, k) in cells else None for k in kinds]
         for row in rows
     ]
+    removed_grid = [[cells[(row, k)].removed_share if (row, k) in cells else None for k in kinds] for row in rows]
     table = {
         k: {
             "tensors": c.tensors,
@@ -323,6 +333,7 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
             "target_drift_max": c.drift_max,
             "donor_diff_mean": c.diff_sum / c.numel,
             "donor_diff_max": c.diff_max,
+            "removed_share": c.removed_share,
         }
         for k, c in ((k, by_kind[k]) for k in kinds)
     }
@@ -333,31 +344,51 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
         "rows": rows,
         "kinds": kinds,
         "applied_fraction_grid": grid,
+        # None everywhere unless the recipe sets protect_subspace
+        "removed_share_grid": removed_grid if any(v is not None for row in removed_grid for v in row) else None,
         "by_kind": table,
         "applied_fraction_overall": total.fraction_sum / total.numel if total.numel else None,
     }
 
 
-def format_tables(summary: dict[str, Any]) -> str:
-    """The grid (rows: layers, then ``model``) and the per-kind table as plain text."""
-    kinds = summary["kinds"]
+def _grid_lines(title: str, rows: Sequence[str], kinds: Sequence[str], grid) -> list[str]:
     width = max(6, *(len(k) for k in kinds)) + 1
-    lines = ["applied fraction 1 − ratio (mean over elements)", "layer".ljust(7) + "".join(k.rjust(width) for k in kinds)]
-    for row, values in zip(summary["rows"], summary["applied_fraction_grid"]):
+    lines = [title, "layer".ljust(7) + "".join(k.rjust(width) for k in kinds)]
+    for row, values in zip(rows, grid):
         lines.append(row.ljust(7) + "".join(("-" if v is None else f"{v:.3f}").rjust(width) for v in values))
+    return lines
+
+
+def format_tables(summary: dict[str, Any]) -> str:
+    """The grids (rows: layers, then ``model``) and the per-kind table as plain text."""
+    kinds, rows = summary["kinds"], summary["rows"]
+    lines = _grid_lines(
+        "applied fraction 1 − ratio (mean over elements; projected tensors: ‖D'‖² / ‖D‖²)",
+        rows,
+        kinds,
+        summary["applied_fraction_grid"],
+    )
+    if summary.get("removed_share_grid") is not None:
+        lines += [""] + _grid_lines(
+            "share of ‖D‖² the subspace projection removes (protect_subspace; '-': not projected)",
+            rows,
+            kinds,
+            summary["removed_share_grid"],
+        )
     lines += [
         "",
         "per tensor kind: applied = mean(1 − ratio); weighted = Σ(1 − ratio)·D² / Σ D² "
         "(= λ_eff / w for one donor)",
         "|T−B| = drift of the target, |D| = |Σ w (I−B)| = the donor diff",
     ]
-    header = ("kind", "tensors", "applied", "weighted", "mean|T-B|", "max|T-B|", "mean|D|", "max|D|")
+    header = ("kind", "tensors", "applied", "weighted", "removed", "mean|T-B|", "max|T-B|", "mean|D|", "max|D|")
     lines.append(header[0].ljust(14) + "".join(h.rjust(11) for h in header[1:]))
     for kind, s in summary["by_kind"].items():
         values = (
             f"{s['tensors']}",
             f"{s['applied_fraction']:.4f}",
             "-" if s["weighted_fraction"] is None else f"{s['weighted_fraction']:.4f}",
+            "-" if s["removed_share"] is None else f"{s['removed_share']:.4f}",
             *(f"{s[key]:.3e}" for key in ("target_drift_mean", "target_drift_max", "donor_diff_mean", "donor_diff_max")),
         )
         lines.append(kind.ljust(14) + "".join(v.rjust(11) for v in values))
@@ -409,6 +440,7 @@ def write_json(
         "definitions": {
             "applied_fraction": "mean over the tensor of 1 - ratio (kernel.applied_fraction_ of |T-B|)",
             "weighted_fraction": "sum(f*D^2)/sum(D^2), D = sum_j w_j (I_j - B); w*this = lambda_eff for one donor",
+            "removed_share": "protect_subspace only: 1 - |D'|^2/|D|^2, the share of the diff's energy projected out",
             "target_drift_mean/max": "mean/max of |T-B|",
             "donor_diff_mean/max": "mean/max of |D|",
             "aggregates": "element-weighted means over tensors; maxima of maxima",
@@ -424,15 +456,21 @@ def write_json(
 
 
 def run(recipe: Path, out: Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Inspect, print the tables, write ``inspect.json`` and ``inspect-heatmap.png`` to ``out``."""
+    """Inspect, print the tables, write ``inspect.json`` (and ``inspect-heatmap.png`` when
+    matplotlib is installed) to ``out``."""
     reports, skipped = inspect_recipe(recipe, quiet=quiet)
     if not reports:
         raise SigmoidDiffError(f"inspect: recipe {recipe} planned no floating-point tensor to inspect")
     summary = summarize(reports)
     print(format_tables(summary))
-    json_path = write_json(recipe, reports, skipped, summary, Path(out) / "inspect.json")
-    png_path = write_heatmap(summary, Path(out) / "inspect-heatmap.png", title=f"{Path(recipe).name}: applied fraction")
-    print(f"\nwrote {json_path} and {png_path}")
+    written = [write_json(recipe, reports, skipped, summary, Path(out) / "inspect.json")]
+    try:
+        import matplotlib  # noqa: F401  (the optional plot extra)
+    except ImportError:
+        print("\nno heatmap: matplotlib is not installed (pip install 'mergekit-sigmoid-diff[plot]')")
+    else:
+        written.append(write_heatmap(summary, Path(out) / "inspect-heatmap.png", title=f"{Path(recipe).name}: applied fraction"))
+    print(f"\nwrote {' and '.join(str(p) for p in written)}")
     return summary
 
 
@@ -447,12 +485,8 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv))
     out = args.out or Path.cwd() / f"{args.recipe.stem}-inspect"
-    try:
+    with reported():
         run(args.recipe, out, quiet=args.quiet)
-    except SigmoidDiffError as error:
-        if os.environ.get("MERGEKIT_SIGMOID_DIFF_TRACEBACK"):
-            raise
-        sys.exit(f"Error: {error}")
 
 
 __all__ = ["TensorReport", "inspect_recipe", "main", "run", "summarize", "tensor_kind", "tensor_report"]

@@ -16,6 +16,19 @@ where it drifted furthest. It is computed as ``sigmoid(−k · (x − m))``, whi
 Reference: StableFluffy/EasyLLMFeaturePorter, ``1-Click.ipynb`` (2024):
 ``sigmoid(normalized_diff * 12 - 6)``, i.e. k = 12, m = 0.5, eps = 1e-6.
 
+``protect_subspace`` (off by default) replaces the element-wise gate on 2-D weights other
+than the vocabulary tensors by a projection in the target drift's singular basis:
+
+    D  = Σ_j w_j (I_j − B),   A = T − B = U Σ Vᵀ
+    r  = the smallest rank whose top singular values hold ``protect_energy`` of ‖A‖²_F
+    D' = D − D V_r V_rᵀ (input), U_r U_rᵀ D removed (output), or both sides
+    out = T + D'
+
+The donor's diff loses exactly the input (or output) directions the target's own update
+uses most, and is untouched elsewhere (:mod:`mergekit_sigmoid_diff.subspace`).
+
+All knobs travel together as one :class:`GateSettings`.
+
 Arithmetic is float32 (float64 if any input is float64) whatever the input dtype; the
 result is returned in that compute dtype unless ``out_dtype`` says otherwise.
 
@@ -31,9 +44,12 @@ tensors this costs no more CPU than mergekit's own bf16 ``task_arithmetic`` kern
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping, NamedTuple, Optional, Sequence
 
 import torch
+
+from mergekit_sigmoid_diff import subspace
 
 from mergekit_sigmoid_diff.normalization import (
     DEFAULT_NORMALIZE,
@@ -54,8 +70,74 @@ DEFAULT_EPS = 1e-6
 # share; 2**15, 2**17 and 2**18 measured no faster on bf16 Llama tensors.
 CHUNK = 1 << 16
 
+Protect = Literal["none", "input", "output", "both"]
+PROTECT_OPTIONS: tuple[str, ...] = ("none", "input", "output", "both")
+DEFAULT_PROTECT_ENERGY = 0.5
+Mode = Literal["plain", "elementwise", "subspace"]
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """How one tensor's donor diff is damped; each field is a recipe parameter of the same name.
+
+    - ``steepness``: k > 0, the slope of the element-wise gate.
+    - ``midpoint``: m ∈ [0, 1], the normalised drift at which half of an element's diff goes in.
+    - ``eps``: if max − min of |T − B| is below this, the whole diff goes in.
+    - ``normalize``: how |T − B| becomes the gate's input x: ``minmax`` (the published gate),
+      ``quantile`` or ``rank`` (see :mod:`.normalization`).
+    - ``quantile``: p ∈ (0, 1], the level ``normalize: quantile`` uses.
+    - ``gate``: false takes the tensor out of every damping: ``T + Σ w_j (I_j − B)``.
+    - ``protect_subspace``: ``none`` (default: the element-wise gate), or ``input`` / ``output`` /
+      ``both``: on 2-D non-vocabulary weights, remove from the donor diff the target drift's top
+      input (right-singular) / output (left-singular) / both directions instead.
+    - ``protect_energy``: e ∈ [0, 1], the share of ‖T − B‖²_F those directions hold
+      (0: nothing removed; 1: the drift's whole row or column space).
+    """
+
+    steepness: float = DEFAULT_STEEPNESS
+    midpoint: float = DEFAULT_MIDPOINT
+    eps: float = DEFAULT_EPS
+    normalize: str = DEFAULT_NORMALIZE
+    quantile: float = DEFAULT_QUANTILE
+    gate: bool = True
+    protect_subspace: str = "none"
+    protect_energy: float = DEFAULT_PROTECT_ENERGY
+
+    def __post_init__(self) -> None:
+        if not self.steepness > 0:
+            raise ValueError(f"steepness={self.steepness!r}: expected a number > 0")
+        if not 0.0 <= self.midpoint <= 1.0:
+            raise ValueError(f"midpoint={self.midpoint!r}: expected a value in [0, 1]")
+        if not self.eps >= 0:
+            raise ValueError(f"eps={self.eps!r}: expected a number >= 0")
+        check_normalize(self.normalize, self.quantile)
+        if self.protect_subspace not in PROTECT_OPTIONS:
+            raise ValueError(f"protect_subspace={self.protect_subspace!r}: expected one of {', '.join(PROTECT_OPTIONS)}")
+        if not 0.0 <= self.protect_energy <= 1.0:
+            raise ValueError(f"protect_energy={self.protect_energy!r}: expected a share in [0, 1]")
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> "GateSettings":
+        """The settings among resolved recipe parameters (other keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in parameters.items() if k in names})
+
+    def mode(self, ndim: int, vocabulary: bool = False) -> Mode:
+        """How a tensor of ``ndim`` dimensions is treated: the plain diff, the element-wise
+        gate, or the subspace projection (2-D weights other than vocabulary tensors only)."""
+        if not self.gate:
+            return "plain"
+        if self.protect_subspace != "none" and ndim == 2 and not vocabulary:
+            return "subspace"
+        return "elementwise"
+
+
+DEFAULT_SETTINGS = GateSettings()
+
 __all__ = [
     "CHUNK",
+    "DEFAULT_SETTINGS",
+    "GateSettings",
     "DEFAULT_EPS",
     "DEFAULT_MIDPOINT",
     "DEFAULT_NORMALIZE",
@@ -65,6 +147,8 @@ __all__ = [
     "NonFiniteError",
     "applied_fraction_",
     "compute_dtype",
+    "donor_diff",
+    "protected_diff",
     "sigmoid_diff",
 ]
 
@@ -81,38 +165,33 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def applied_fraction_(
-    drift: torch.Tensor,
-    *,
-    steepness: float = DEFAULT_STEEPNESS,
-    midpoint: float = DEFAULT_MIDPOINT,
-    eps: float = DEFAULT_EPS,
-    normalize: str = DEFAULT_NORMALIZE,
-    quantile: float = DEFAULT_QUANTILE,
-) -> torch.Tensor:
-    """Turn ``drift = |T − B|`` (floating point) into ``1 − ratio``, in place.
+def applied_fraction_(drift: torch.Tensor, settings: GateSettings = DEFAULT_SETTINGS) -> torch.Tensor:
+    """Turn ``drift = |T − B|`` (floating point) into the element-wise ``1 − ratio``, in place.
 
     Returns ``drift`` itself, now holding values in [0, 1]. A non-finite drift
     (NaN or Inf in T or B) is left for the caller to report: under ``minmax`` min/max
     propagate it; the other options return NaN everywhere.
     """
-    check_normalize(normalize, quantile)
     if drift.numel() == 0:
         return drift
     lo, hi = torch.aminmax(drift)
-    gate = make_gate(
-        normalize,
-        lo,
-        hi,
-        lambda: sample_of(drift.reshape(-1)),
-        steepness=steepness,
-        midpoint=midpoint,
-        eps=eps,
-        quantile=quantile,
-    )
+    gate = _make_gate(settings, lo, hi, lambda: sample_of(drift.reshape(-1)))
     if gate is None:  # the notebook's "all values are the same" branch: ratio = 0
         return drift.fill_(1.0)
     return gate.fraction_(drift)
+
+
+def _make_gate(settings: GateSettings, lo, hi, sample) -> Optional[Gate]:
+    return make_gate(
+        settings.normalize,
+        lo,
+        hi,
+        sample,
+        steepness=settings.steepness,
+        midpoint=settings.midpoint,
+        eps=settings.eps,
+        quantile=settings.quantile,
+    )
 
 
 def sigmoid_diff(
@@ -120,20 +199,15 @@ def sigmoid_diff(
     target: torch.Tensor,
     donors: Sequence[torch.Tensor],
     weights: Sequence[float],
+    settings: GateSettings = DEFAULT_SETTINGS,
     *,
-    steepness: float = DEFAULT_STEEPNESS,
-    midpoint: float = DEFAULT_MIDPOINT,
-    eps: float = DEFAULT_EPS,
-    gate: bool = True,
-    normalize: str = DEFAULT_NORMALIZE,
-    quantile: float = DEFAULT_QUANTILE,
+    vocabulary: bool = False,
     out_dtype: Optional[torch.dtype] = None,
     check_finite: bool = False,
 ) -> torch.Tensor:
-    """``T + (1 − ratio) ⊙ Σ w_j (I_j − B)`` for one tensor; see the module docstring.
+    """The transfer of one tensor under ``settings``; see the module docstring.
 
-    - ``gate=False`` takes the tensor out of the gate: ``T + Σ w_j (I_j − B)``.
-    - ``normalize``/``quantile``: how |T − B| becomes x (``minmax``, ``quantile``, ``rank``).
+    - ``vocabulary``: the tensor is indexed by token (embeddings, lm_head): never projected.
     - ``out_dtype``: dtype of the result (default: the compute dtype); each chunk is cast
       as it is written, so no full-size compute-dtype copy of the output ever exists.
     - ``check_finite``: raise :class:`NonFiniteError` if the output holds NaN or Inf,
@@ -150,7 +224,9 @@ def sigmoid_diff(
     for tensor in (base, *donors):
         if tensor.shape != target.shape:
             raise ValueError(f"shape {tuple(tensor.shape)} differs from the target's {tuple(target.shape)}")
-    check_normalize(normalize, quantile)
+    mode = settings.mode(target.dim(), vocabulary)
+    if mode == "subspace":
+        return _projected(base, target, donors, weights, settings, out_dtype, check_finite)
     dtype = compute_dtype(base, target, *donors)
     b, t = base.reshape(-1), target.reshape(-1)
     flat_donors = [d.reshape(-1) for d in donors]
@@ -158,30 +234,23 @@ def sigmoid_diff(
     out = torch.empty(numel, dtype=out_dtype or dtype, device=target.device)
     if numel == 0:
         return out.view(target.shape)
-    starts = range(0, numel, CHUNK)
-    scratch = _Scratch(min(CHUNK, numel), dtype, target.device)
+    # On CPU, chunks keep the scratch in cache; on an accelerator whole-tensor ops are cheaper.
+    chunk = CHUNK if target.device.type == "cpu" else numel
+    starts = range(0, numel, chunk)
+    scratch = _Scratch(min(chunk, numel), dtype, target.device)
 
     fraction_gate: Optional[Gate] = None
-    if gate:
+    if mode == "elementwise":
         lo, hi = _drift_range(b, t, starts, scratch)
         if check_finite and not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise NonFiniteError("base or target holds NaN or Inf")
-        fraction_gate = make_gate(
-            normalize,
-            lo,
-            hi,
-            lambda: sample_drift(b, t, dtype),
-            steepness=steepness,
-            midpoint=midpoint,
-            eps=eps,
-            quantile=quantile,
-        )
+        fraction_gate = _make_gate(settings, lo, hi, lambda: sample_drift(b, t, dtype))
 
     # (min, max) of each written chunk: NaN propagates and Inf shows, so finite ranges mean
     # a finite output; one check at the end instead of a host sync per chunk.
     written_ranges = torch.empty(len(starts), 2, dtype=out.dtype, device=out.device) if check_finite else None
     for index, start in enumerate(starts):
-        stop = min(start + CHUNK, numel)
+        stop = min(start + chunk, numel)
         buf = scratch.cut(stop - start)
         bc = _upcast(b[start:stop], buf.base)
         tc = _upcast(t[start:stop], buf.target)
@@ -204,6 +273,47 @@ def sigmoid_diff(
     if written_ranges is not None and not torch.isfinite(written_ranges).all():
         raise NonFiniteError("output holds NaN or Inf")
     return out.view(target.shape)
+
+
+def donor_diff(
+    base: torch.Tensor, donors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype
+) -> torch.Tensor:
+    """D = Σ_j w_j (I_j − B) as a new tensor in ``dtype``."""
+    b = base.to(dtype)
+    diff = torch.sub(donors[0].to(dtype), b)
+    if weights[0] != 1.0:
+        diff.mul_(weights[0])
+    for donor, weight in zip(donors[1:], weights[1:]):
+        diff.add_(donor.to(dtype) - b, alpha=weight)
+    return diff
+
+
+def protected_diff(
+    base: torch.Tensor,
+    target: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    settings: GateSettings,
+) -> tuple[torch.Tensor, subspace.Basis]:
+    """D' (compute dtype) and the basis removed: Σ w_j (I_j − B) without the target drift's
+    top ``protect_energy`` directions on the ``protect_subspace`` side (2-D tensors)."""
+    dtype = compute_dtype(base, target, *donors)
+    diff = donor_diff(base, donors, weights, dtype)
+    basis = subspace.drift_basis(
+        torch.sub(target.to(dtype), base.to(dtype)), settings.protect_energy, settings.protect_subspace
+    )
+    return subspace.project_out_(diff, basis, settings.protect_subspace), basis
+
+
+def _projected(base, target, donors, weights, settings, out_dtype, check_finite) -> torch.Tensor:
+    """``T + D'`` (see :func:`protected_diff`), cast to ``out_dtype`` once."""
+    if check_finite and not (torch.isfinite(base).all() and torch.isfinite(target).all()):
+        raise NonFiniteError("base or target holds NaN or Inf")  # no singular basis exists
+    diff, _ = protected_diff(base, target, donors, weights, settings)
+    out = diff.add_(target.to(diff.dtype))
+    if check_finite and not torch.isfinite(out).all():
+        raise NonFiniteError("output holds NaN or Inf")
+    return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
 
 class _Buffers(NamedTuple):

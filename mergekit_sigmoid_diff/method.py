@@ -1,12 +1,13 @@
 """``sigmoid_diff`` as a mergekit 0.1.5 merge method: contract, parameters, roles.
 
-The arithmetic lives in :mod:`mergekit_sigmoid_diff.kernel`; this module binds it to one
-output tensor's :class:`~mergekit.merge_methods.base.TensorGroup`.
+The arithmetic lives in :mod:`mergekit_sigmoid_diff.kernel` (its knobs are one
+:class:`~mergekit_sigmoid_diff.kernel.GateSettings`); this module binds it to one output
+tensor's :class:`~mergekit.merge_methods.base.TensorGroup`.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NoReturn
+from typing import Callable, Hashable, Literal, NoReturn, Sequence, TypeVar
 
 import torch
 from mergekit.merge_methods.base import (
@@ -22,16 +23,46 @@ from typing_extensions import Annotated
 
 from mergekit_sigmoid_diff import kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from mergekit_sigmoid_diff.normalization import DEFAULT_NORMALIZE, DEFAULT_QUANTILE, Normalize
+from mergekit_sigmoid_diff.normalization import Normalize
 
 NAME = "sigmoid_diff"
 REFERENCE_URL = "https://github.com/StableFluffy/EasyLLMFeaturePorter"
+ROLE, TARGET, DONOR = "role", "target", "donor"
 
 Role = Literal["target", "donor"]
+Protect = Literal["none", "input", "output", "both"]
 Steepness = Annotated[FiniteFloat, Field(gt=0)]
-Midpoint = Annotated[float, Field(ge=0, le=1)]
+Share = Annotated[float, Field(ge=0, le=1)]
 Eps = Annotated[FiniteFloat, Field(ge=0)]
 QuantileLevel = Annotated[float, Field(gt=0, le=1)]
+
+M = TypeVar("M", bound=Hashable)
+
+
+class RoleError(ValueError):
+    """Not exactly one target, or no donor, among a group's models."""
+
+
+def split_roles(
+    models: Sequence[M],
+    roles: Sequence[str],
+    weights: Sequence[float] | None = None,
+    label: Callable[[M], str] = str,
+) -> tuple[M, list[tuple[M, float]]]:
+    """(target, [(donor, weight), ...]) from the models' roles: exactly one ``target``,
+    at least one ``donor``. The one place this rule lives (the recipe checks use it too);
+    ``label`` names a model in the :class:`RoleError` message."""
+    weights = weights if weights is not None else [1.0] * len(models)
+    targets = [m for m, r in zip(models, roles) if r == TARGET]
+    donors = [(m, w) for m, r, w in zip(models, roles, weights) if r == DONOR]
+    if len(targets) != 1:
+        found = ", ".join(label(m) for m in targets) or "none"
+        raise RoleError(f"needs exactly one model with role: target (found {found})")
+    if not donors:
+        raise RoleError(
+            f"has a target ({label(targets[0])}) but no donor model: add the model whose feature you transfer"
+        )
+    return targets[0], donors
 
 
 @merge_method(
@@ -42,64 +73,62 @@ QuantileLevel = Annotated[float, Field(gt=0, le=1)]
 )
 def sigmoid_diff_merge(
     group: TensorGroup,
-    role: PerNonBase[Role] = "donor",
+    role: PerNonBase[Role] = DONOR,
     weight: PerNonBase[FiniteFloat] = 1.0,
     steepness: Steepness = kernel.DEFAULT_STEEPNESS,
-    midpoint: Midpoint = kernel.DEFAULT_MIDPOINT,
+    midpoint: Share = kernel.DEFAULT_MIDPOINT,
     eps: Eps = kernel.DEFAULT_EPS,
     gate: bool = True,
-    normalize: Normalize = DEFAULT_NORMALIZE,
-    quantile: QuantileLevel = DEFAULT_QUANTILE,
+    normalize: Normalize = kernel.DEFAULT_NORMALIZE,
+    quantile: QuantileLevel = kernel.DEFAULT_QUANTILE,
+    protect_subspace: Protect = "none",
+    protect_energy: Share = kernel.DEFAULT_PROTECT_ENERGY,
     inherit_rope: PerNonBase[bool] = False,
     inherit_chat: PerNonBase[bool] = False,
 ) -> torch.Tensor:
-    """Parameters (all resolvable per tensor through mergekit's gradients and filters):
+    """Every parameter resolves per tensor through mergekit's gradients and filters.
 
     - ``role`` (per model): ``target`` (exactly one) or ``donor`` (the default; one or more).
     - ``weight`` (per donor): w_j, the scale of that donor's diff ``I_j − B``.
-    - ``steepness``: k > 0, the slope of the gate.
-    - ``midpoint``: m ∈ [0, 1], the normalised drift at which half the diff goes in.
-    - ``eps``: if max − min of |T − B| is below this, the whole diff goes in.
-    - ``gate``: false takes the tensor out of the gate (plain ``T + Σ w_j (I_j − B)``).
-    - ``normalize``: how |T − B| becomes the gate's input x: ``minmax`` (default, the published
-      gate), ``quantile`` or ``rank`` (robust to outliers; see :mod:`.normalization`).
-    - ``quantile``: p ∈ (0, 1], the level used by ``normalize: quantile`` (default 0.99).
+    - ``steepness``, ``midpoint``, ``eps``, ``gate``, ``normalize``, ``quantile``,
+      ``protect_subspace``, ``protect_energy``: the fields of
+      :class:`~mergekit_sigmoid_diff.kernel.GateSettings`, documented there.
     - ``inherit_rope`` / ``inherit_chat`` (per donor, at most one donor each): settings of the
-      output folder, not of the tensor math (the kernel ignores them): the output config takes
-      that donor's RoPE settings and max positions / the output tokenizer takes its chat
-      template, eos and special tokens, and its generation_config (see :mod:`.output`).
+      output folder, not of the tensor math: see :mod:`.plan` and :mod:`.output`.
     """
     name = group.metadata.name or "<tensor>"
-    roles = role.values_for(group.non_base)
-    targets = [e for e, r in zip(group.non_base, roles) if r == "target"]
-    donors = [(e, w) for e, r, w in zip(group.non_base, roles, weight.values_for(group.non_base)) if r == "donor"]
-    if len(targets) != 1:
-        found = ", ".join(str(e.id) for e in targets) or "none"
-        raise SigmoidDiffError(
-            f"{NAME}: tensor {name} needs exactly one model with role: target; found {found}"
-        )
-    if not donors:
-        raise SigmoidDiffError(f"{NAME}: tensor {name} has a target but no donor model")
-
     try:
-        # Same dtype as the inputs (like mergekit's own methods); the finite check runs on
-        # each chunk as it is written instead of a second pass over the whole output.
+        target, donors = split_roles(
+            group.non_base,
+            role.values_for(group.non_base),
+            weight.values_for(group.non_base),
+            label=lambda entry: str(entry.id),
+        )
+    except RoleError as error:
+        raise SigmoidDiffError(f"{NAME}: tensor {name} {error}") from None
+    settings = kernel.GateSettings(
+        steepness=steepness,
+        midpoint=midpoint,
+        eps=eps,
+        gate=gate,
+        normalize=normalize,
+        quantile=quantile,
+        protect_subspace=protect_subspace,
+        protect_energy=protect_energy,
+    )
+    try:
         return kernel.sigmoid_diff(
             group.base.tensor,
-            targets[0].tensor,
+            target.tensor,
             [e.tensor for e, _ in donors],
             [w for _, w in donors],
-            steepness=steepness,
-            midpoint=midpoint,
-            eps=eps,
-            gate=gate,
-            normalize=normalize,
-            quantile=quantile,
-            out_dtype=targets[0].tensor.dtype,
+            settings,
+            vocabulary=group.metadata.vocabulary_axis is not None,
+            out_dtype=target.tensor.dtype,
             check_finite=True,
         )
     except kernel.NonFiniteError:
-        _raise_non_finite(name, [group.base, targets[0], *(e for e, _ in donors)])
+        _raise_non_finite(name, [group.base, target, *(e for e, _ in donors)])
 
 
 def _raise_non_finite(name: str, entries: list[TensorEntry]) -> NoReturn:

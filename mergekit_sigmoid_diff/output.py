@@ -28,23 +28,20 @@ import inspect
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional
 
 import transformers
 from mergekit.common import ModelPath, ModelReference
 from mergekit.config import MergeConfiguration
-from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
 
-from mergekit_sigmoid_diff import preflight
+from mergekit_sigmoid_diff.plan import INHERIT_CHAT, INHERIT_ROPE, TransferPlan, current_or
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 
 LOG = logging.getLogger(__name__)
 
-INHERIT_ROPE = "inherit_rope"
-INHERIT_CHAT = "inherit_chat"
 SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 LOAD_ARGUMENTS = ("local_files_only", "is_local")
 # Files a tokenizer (or mergekit's tokenizer copy) may leave in a model folder; cleared
@@ -62,76 +59,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-
-
-@dataclass(frozen=True)
-class OutputPlan:
-    """Which input model each part of the output folder comes from."""
-
-    target: ModelReference
-    rope_donor: Optional[ModelReference] = None
-    chat_donor: Optional[ModelReference] = None
-
-
-# --- reading the recipe -------------------------------------------------------------------
-
-
-def output_plan(config: MergeConfiguration) -> Optional[OutputPlan]:
-    """The target and the donors flagged ``inherit_rope`` / ``inherit_chat``.
-
-    None for a method without roles. Raises :class:`SigmoidDiffError` when the slices
-    name different targets, when a flag is not a single true/false, when the target
-    itself is flagged, or when more than one donor is flagged for the same thing.
-    Settings resolve like mergekit's: the model's own, then slice, module, top level.
-    """
-    names = {p.name for p in registry.get(config.merge_method).spec.parameters}
-    if "role" not in names:
-        return None
-    targets: list[ModelReference] = []
-    flagged: dict[str, list[ModelReference]] = {INHERIT_ROPE: [], INHERIT_CHAT: []}
-    for where, base, models in preflight._input_groups(config):
-        for model, scopes in models:
-            if model == base:
-                continue
-            role = _resolve(scopes, "role", "donor")
-            for key, chosen in flagged.items():
-                value = _resolve(scopes, key, False)
-                if not isinstance(value, bool):
-                    raise SigmoidDiffError(
-                        f"{key} of model {model} in {where} must be a single true or false, "
-                        f"not {value!r}"
-                    )
-                if value and role == "target" and key in (scopes[0] or {}):
-                    raise SigmoidDiffError(
-                        f"{key} is a donor setting, but model {model} in {where} is the target "
-                        "(the output already describes the target)"
-                    )
-                if value and role != "target" and model not in chosen:
-                    chosen.append(model)
-            if role == "target" and model not in targets:
-                targets.append(model)
-    if len(targets) != 1:
-        found = ", ".join(str(m) for m in targets) or "none"
-        raise SigmoidDiffError(
-            f"the output config describes the target, so all slices need the same model with "
-            f"role: target (found {found})"
-        )
-    what = {INHERIT_ROPE: "RoPE settings", INHERIT_CHAT: "chat template and eos token"}
-    for key, chosen in flagged.items():
-        if len(chosen) > 1:
-            raise SigmoidDiffError(
-                f"{key}: true on {len(chosen)} donors ({', '.join(str(m) for m in chosen)}); "
-                f"the output can take its {what[key]} from one donor only"
-            )
-    return OutputPlan(
-        target=targets[0],
-        rope_donor=(flagged[INHERIT_ROPE] or [None])[0],
-        chat_donor=(flagged[INHERIT_CHAT] or [None])[0],
-    )
-
-
-def _resolve(scopes: Sequence[Optional[dict]], key: str, default: Any) -> Any:
-    return next((s[key] for s in scopes if s and key in s), default)
 
 
 def _tokenizer_built_by_mergekit(config: MergeConfiguration) -> bool:
@@ -153,7 +80,7 @@ def target_out_config(
     ``original`` is mergekit's function: it is called with the target in place of
     ``base_model`` so its dtype and layer-count adjustments still apply.
     """
-    plan = output_plan(config)
+    plan = current_or(config)
     if plan is None:
         return original(config, arch_info, trust_remote_code=trust_remote_code)
     out = original(
@@ -202,103 +129,167 @@ def inherit_rope(out: transformers.PretrainedConfig, donor: transformers.Pretrai
 # --- tokenizer, generation config, special token ids ---------------------------------------
 
 
-def prepare(config: MergeConfiguration, options: MergeOptions) -> Optional[OutputPlan]:
-    """Checks for the tokenizer step that can run before any tensor is merged.
+@dataclass
+class TokenizerStep:
+    """What the tokenizer step of a merge does, worked out before any tensor is read.
 
-    With ``inherit_chat``: the donor's tokenizer loads and has a chat template, and every
-    special token of it is in the output vocabulary (the target's, or the one named by
-    ``tokenizer.source``; ``union`` always holds them).
+    ``kind``:
+    - ``none``: no output tokenizer (none is possible, or ``--no-copy-tokenizer``);
+    - ``mergekit``: mergekit's own copy of the base's tokenizer stands (the target has none);
+    - ``write``: ``tokenizer`` (the target's, already given the donor's chat template and
+      tokens), ``generation`` and the ``config_ids`` for config.json are written after the merge;
+    - ``built``: mergekit builds the tokenizer (``tokenizer`` / ``tokenizer_source``); it is
+      finished the same way after the merge, with checks made now against its vocabulary.
     """
-    plan = output_plan(config)
-    if plan is None or plan.chat_donor is None:
-        return plan
+
+    kind: Literal["none", "mergekit", "write", "built"]
+    tokenizer: Optional[Any] = None
+    generation: Optional[transformers.GenerationConfig] = None
+    config_ids: dict[str, Any] = field(default_factory=dict)
+    # for "built": what finishing the built tokenizer needs
+    sources: dict[str, Any] = field(default_factory=dict)
+
+    def merge_options(self, options: MergeOptions) -> MergeOptions:
+        """The options for mergekit's run: its own tokenizer copy only where it stands."""
+        if self.kind in ("none", "write") and options.copy_tokenizer:
+            return options.model_copy(update={"copy_tokenizer": False})
+        return options
+
+
+def prepare(config: MergeConfiguration, options: MergeOptions, plan: Optional[TransferPlan]) -> TokenizerStep:
+    """Load and check everything the tokenizer step needs, before any tensor is read.
+
+    Every tokenizer, generation config and token-id mapping the output needs is loaded and
+    computed here, so that after the merge only files are written. Raises
+    :class:`SigmoidDiffError` when ``inherit_chat`` cannot be honoured: the donor has no
+    tokenizer or no chat template, no output tokenizer is possible, or a special token of
+    the donor is missing from the output vocabulary. Without ``inherit_chat`` a model
+    without tokenizer files is fine, as in mergekit: the output keeps the base's tokenizer
+    (a warning names the target), or has none (one warning).
+    """
+    if plan is None:
+        return TokenizerStep("mergekit")
     built = _tokenizer_built_by_mergekit(config)
+    chat = plan.chat_donor
     if not built and not options.copy_tokenizer:
-        raise SigmoidDiffError(
-            f"{INHERIT_CHAT} on donor {plan.chat_donor} needs an output tokenizer: "
-            "drop --no-copy-tokenizer"
-        )
-    donor_tokenizer = load_tokenizer(plan.chat_donor, options)
-    _require_chat_template(donor_tokenizer, plan.chat_donor)
-    source = config.tokenizer.source if config.tokenizer is not None else config.tokenizer_source
-    if not built:
-        vocabulary_model = plan.target
-    elif source == "union":
-        return plan
-    elif source == "base":
-        vocabulary_model = config.base_model
-    else:
-        vocabulary_model = source
-    _missing_specials(donor_tokenizer, load_tokenizer(vocabulary_model, options), plan.chat_donor)
-    return plan
-
-
-def apply_tokenizer(
-    config: MergeConfiguration, out_path: str, options: MergeOptions, plan: Optional[OutputPlan] = None
-) -> None:
-    """Write the output tokenizer, generation_config.json and special token ids (see module doc).
-
-    Call after mergekit's ``run_merge`` wrote ``out_path``; pass the plan computed before it
-    (``run_merge`` rewrites ``config.models`` into modules; the plan reads either form).
-    """
-    plan = plan or output_plan(config)
-    built = _tokenizer_built_by_mergekit(config)
-    if plan is None or (not built and not options.copy_tokenizer):
-        return
-    out = Path(out_path)
+        if chat is not None:
+            raise SigmoidDiffError(f"{INHERIT_CHAT} on donor {chat} needs an output tokenizer: drop --no-copy-tokenizer")
+        return TokenizerStep("none")
+    donor_tokenizer = None
+    if chat is not None:
+        donor_tokenizer = _try_load_tokenizer(chat, options)
+        if donor_tokenizer is None:
+            raise SigmoidDiffError(
+                f"{INHERIT_CHAT}: donor {chat} has no tokenizer files (tokenizer_config.json) to take "
+                "the chat template from; set inherit_chat on a donor that has them, or remove it"
+            )
+        _require_chat_template(donor_tokenizer, chat)
     target_tokenizer = _try_load_tokenizer(plan.target, options)
-    if built:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=options.trust_remote_code)
-    elif target_tokenizer is not None:
-        tokenizer = target_tokenizer  # edited below; its vocabulary (all the id mapping reads) stays
-    else:
-        LOG.warning("target %s has no tokenizer: the output keeps the base's", plan.target)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=options.trust_remote_code)
+    sources = dict(target=target_tokenizer, donor=donor_tokenizer, target_config=_config_ids(plan.target, options))
 
-    config_path = out / "config.json"
-    out_config = json.loads(config_path.read_text(encoding="utf-8"))
-    # (tokenizer the ids are written for, ids) per key; re-mapped by token text below
-    id_sources = {key: (target_tokenizer, out_config.get(key)) for key in SPECIAL_ID_KEYS}
+    if built:
+        source = config.tokenizer.source if config.tokenizer is not None else config.tokenizer_source
+        if source != "union":  # the union holds every token; other vocabularies are checked now
+            vocabulary_model = config.base_model if source == "base" else source
+            vocabulary = _try_load_tokenizer(vocabulary_model, options)
+            if vocabulary is not None:
+                _finish(vocabulary, config, options, plan, sources)  # a dry run: raises what would fail
+        return TokenizerStep("built", sources=sources)
+
+    if target_tokenizer is None:
+        if _try_load_tokenizer(config.base_model, options) is not None:
+            if chat is not None:
+                raise SigmoidDiffError(
+                    f"{INHERIT_CHAT} on donor {chat}: target {plan.target} has no tokenizer files, so the "
+                    "output would carry the base's tokenizer; add tokenizer files to the target or "
+                    "`tokenizer: {source: base}` to the recipe"
+                )
+            LOG.warning("target %s has no tokenizer files: the output keeps the base's tokenizer", plan.target)
+            return TokenizerStep("mergekit")
+        if chat is not None:
+            raise SigmoidDiffError(
+                f"{INHERIT_CHAT} on donor {chat} needs an output tokenizer, but neither target "
+                f"{plan.target} nor base_model {config.base_model} has tokenizer files"
+            )
+        LOG.warning(
+            "neither target %s nor base_model %s has tokenizer files: the output has no tokenizer",
+            plan.target,
+            config.base_model,
+        )
+        return TokenizerStep("none")
+    tokenizer, generation, ids = _finish(target_tokenizer, config, options, plan, sources)
+    return TokenizerStep("write", tokenizer=tokenizer, generation=generation, config_ids=ids)
+
+
+def _config_ids(model: ModelReference, options: MergeOptions) -> dict[str, Any]:
+    """The special token ids of a model's config (as the output config.json carries them)."""
+    model_config = model.config(trust_remote_code=options.trust_remote_code)
+    return {key: getattr(model_config, key, None) for key in SPECIAL_ID_KEYS}
+
+
+def _finish(
+    tokenizer: Any, config: MergeConfiguration, options: MergeOptions, plan: TransferPlan, sources: dict[str, Any]
+) -> tuple[Any, Optional[transformers.GenerationConfig], dict[str, Any]]:
+    """Give ``tokenizer`` (in place) the donor's chat settings and the recipe's chat template;
+    return it, the output generation config and config.json's special ids on its vocabulary."""
+    target_tokenizer, donor_tokenizer = sources["target"], sources["donor"]
+    id_sources = {key: (target_tokenizer, value) for key, value in sources["target_config"].items()}
     generation = load_generation_config(plan.target)
     generation_tokenizer = target_tokenizer
     generation_from_donor = False
-
     if plan.chat_donor is not None:
-        donor_tokenizer = load_tokenizer(plan.chat_donor, options)
         carry_chat(tokenizer, donor_tokenizer, plan.chat_donor)
         donor_config = plan.chat_donor.config(trust_remote_code=options.trust_remote_code)
         eos = getattr(donor_config, "eos_token_id", None)
-        if eos is None:
-            eos = donor_tokenizer.eos_token_id
-        id_sources["eos_token_id"] = (donor_tokenizer, eos)
+        id_sources["eos_token_id"] = (donor_tokenizer, donor_tokenizer.eos_token_id if eos is None else eos)
         donor_generation = load_generation_config(plan.chat_donor)
         if donor_generation is not None:
             generation, generation_tokenizer = donor_generation, donor_tokenizer
             generation_from_donor = True
-
     if config.chat_template:
         from mergekit.merge import _set_chat_template
 
         _set_chat_template(tokenizer, config, trust_remote_code=options.trust_remote_code)
-
-    for key, (source, ids) in id_sources.items():
-        if source is not None and (ids is not None or key in out_config):
-            out_config[key] = remap_token_ids(ids, source, tokenizer, f"{key} in config.json")
+    ids = {
+        key: remap_token_ids(value, source, tokenizer, f"{key} in config.json")
+        for key, (source, value) in id_sources.items()
+        if source is not None and value is not None
+    }
     if generation is not None:
         for key in SPECIAL_ID_KEYS:
-            ids = getattr(generation, key, None)
-            if generation_tokenizer is not None and ids is not None:
-                setattr(generation, key, remap_token_ids(ids, generation_tokenizer, tokenizer, f"{key} in generation_config.json"))
+            value = getattr(generation, key, None)
+            if generation_tokenizer is not None and value is not None:
+                setattr(generation, key, remap_token_ids(value, generation_tokenizer, tokenizer, f"{key} in generation_config.json"))
         if plan.chat_donor is not None and (not generation_from_donor or generation.eos_token_id is None):
             # generation must stop at the donor's eos, whichever generation config this is
-            generation.eos_token_id = out_config.get("eos_token_id")
+            generation.eos_token_id = ids.get("eos_token_id")
+    return tokenizer, generation, ids
 
+
+def apply_tokenizer(step: TokenizerStep, config: MergeConfiguration, out_path: str, options: MergeOptions, plan) -> None:
+    """Write what :func:`prepare` worked out into the finished merge at ``out_path``.
+
+    Call after mergekit's ``run_merge`` wrote ``out_path``. For ``write`` only files are
+    written; for ``built`` the tokenizer mergekit just saved is loaded and finished with the
+    settings already checked against its vocabulary.
+    """
+    if step.kind in ("none", "mergekit"):
+        return
+    out = Path(out_path)
+    if step.kind == "built":
+        built = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=options.trust_remote_code)
+        tokenizer, generation, ids = _finish(built, config, options, plan, step.sources)
+    else:
+        tokenizer, generation, ids = step.tokenizer, step.generation, step.config_ids
     for name in TOKENIZER_FILES:
         (out / name).unlink(missing_ok=True)
     tokenizer.save_pretrained(out)
     _drop_load_arguments(out / "tokenizer_config.json")
     if generation is not None:
         generation.save_pretrained(out)
+    config_path = out / "config.json"
+    out_config = json.loads(config_path.read_text(encoding="utf-8"))
+    out_config.update(ids)
     config_path.write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

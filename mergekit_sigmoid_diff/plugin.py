@@ -5,7 +5,7 @@
   methods is checked before any tensor is loaded (:mod:`~mergekit_sigmoid_diff.preflight`),
   and ``mergekit.merge._model_out_config`` so that the output config.json, tokenizer and
   generation config describe the target (:mod:`~mergekit_sigmoid_diff.output`).
-- :func:`on_run_yaml` makes ``mergekit-yaml`` print our errors as one line, no traceback.
+- :func:`on_cli` makes ``mergekit-yaml`` and ``mergekit-multi`` print our errors as one line.
 
 The lazy import hook calls the ``on_*`` functions when mergekit imports those modules;
 :func:`activate` does all of it at once for the command-line wrapper and for tests.
@@ -15,7 +15,7 @@ Recipes for other merge methods pass through untouched.
 from __future__ import annotations
 
 import functools
-import os
+import inspect
 import sys
 from types import ModuleType
 from typing import Any, Callable
@@ -58,24 +58,43 @@ def _wrap_once(module: ModuleType, attribute: str, make: Callable[[Any], Any]) -
     setattr(module, attribute, wrapped)
 
 
+# The parameters of mergekit's functions that the wrappers read, by name. Everything else
+# passes through untouched (*args, **kwargs), so a new keyword in a mergekit release
+# does not break merges; a renamed one fails tests/test_registration.py, naming it.
+WRAPPED_PARAMETERS = {
+    "mergekit.merge.run_merge": ("merge_config", "out_path", "options"),
+    "mergekit.merge._model_out_config": ("config", "arch_info", "trust_remote_code"),
+}
+
+
+def _bound(function: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults included."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 def on_merge(module: ModuleType) -> None:
     def make(run_merge):
         @functools.wraps(run_merge)
-        def checked_run_merge(merge_config, out_path, options, config_source=None):
-            if merge_config.merge_method in method_names():
-                from mergekit_sigmoid_diff import output, preflight, staging
+        def checked_run_merge(*args, **kwargs):
+            call = _bound(run_merge, args, kwargs)
+            merge_config, out_path, options = (call[name] for name in WRAPPED_PARAMETERS["mergekit.merge.run_merge"])
+            if merge_config.merge_method not in method_names():
+                return run_merge(*args, **kwargs)
+            from mergekit_sigmoid_diff import output, plan, preflight, staging
 
-                preflight.check_recipe(merge_config)
-                # the merge goes to a staging folder that becomes out_path only once
-                # complete; the model checks run inside, after the output checks
-                with staging.staged_output(out_path) as stage:
-                    preflight.check_models(merge_config, options)
-                    # the plan is read now: run_merge rewrites merge_config.models into modules
-                    plan = output.prepare(merge_config, options)
-                    result = run_merge(merge_config, str(stage), options, config_source=config_source)
-                    output.apply_tokenizer(merge_config, str(stage), options, plan)
-                    return result
-            return run_merge(merge_config, out_path, options, config_source=config_source)
+            transfer = preflight.check_recipe(merge_config)
+            # the merge goes to a staging folder that becomes out_path only once complete;
+            # the model checks run inside, after the output checks
+            with staging.staged_output(out_path) as stage, plan.active(transfer):
+                preflight.check_models(merge_config, options)
+                tokenizer_step = output.prepare(merge_config, options, transfer)
+                call["out_path"] = str(stage)
+                call["options"] = tokenizer_step.merge_options(options)
+                result = run_merge(**call)
+                output.apply_tokenizer(tokenizer_step, merge_config, str(stage), options, transfer)
+                return result
 
         return checked_run_merge
 
@@ -84,52 +103,62 @@ def on_merge(module: ModuleType) -> None:
     def make_out_config(model_out_config):
         # run_merge looks _model_out_config up as a module global when it runs
         @functools.wraps(model_out_config)
-        def target_out_config(config, arch_info, trust_remote_code=False):
+        def target_out_config(*args, **kwargs):
+            call = _bound(model_out_config, args, kwargs)
+            config, arch_info, trust_remote_code = (
+                call[name] for name in WRAPPED_PARAMETERS["mergekit.merge._model_out_config"]
+            )
             if config.merge_method in method_names():
                 from mergekit_sigmoid_diff import output
 
                 return output.target_out_config(model_out_config, config, arch_info, trust_remote_code)
-            return model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+            return model_out_config(*args, **kwargs)
 
         return target_out_config
 
     _wrap_once(module, "_model_out_config", make_out_config)
 
 
-def on_run_yaml(module: ModuleType) -> None:
-    """Report :class:`SigmoidDiffError` as ``Error: <message>`` with exit status 1."""
+def on_cli(module: ModuleType) -> None:
+    """``mergekit-yaml`` / ``mergekit-multi``: report :class:`SigmoidDiffError` as
+    ``Error: <message>`` with exit status 1, and call the checked ``run_merge``."""
 
     def make(callback):
         @functools.wraps(callback)
         def main(*args, **kwargs):
             import click
 
-            from mergekit_sigmoid_diff.errors import SigmoidDiffError
+            from mergekit_sigmoid_diff.errors import SigmoidDiffError, wants_traceback
 
             try:
                 return callback(*args, **kwargs)
             except SigmoidDiffError as error:
-                if os.environ.get("MERGEKIT_SIGMOID_DIFF_TRACEBACK"):
+                if wants_traceback():
                     raise
                 raise click.ClickException(str(error)) from None
 
         return main
 
     _wrap_once(module.main, "callback", make)
-    # run_yaml bound run_merge at its import; make sure it calls the checked one.
+    # the command bound run_merge at its import; make sure it calls the checked one
     merge = sys.modules.get("mergekit.merge")
     if merge is not None:
         on_merge(merge)
         module.run_merge = merge.run_merge
 
 
+# mergekit module -> what to do once it is imported (the import hook reads this too)
+CALLBACKS = {
+    "mergekit.merge_methods.registry": on_registry,
+    "mergekit.merge": on_merge,
+    "mergekit.scripts.run_yaml": on_cli,
+    "mergekit.scripts.multimerge": on_cli,
+}
+
+
 def activate() -> None:
     """Register and wrap now, importing mergekit (for ``python -S`` and the wrapper)."""
     import importlib
 
-    for name, callback in (
-        ("mergekit.merge_methods.registry", on_registry),
-        ("mergekit.merge", on_merge),
-        ("mergekit.scripts.run_yaml", on_run_yaml),
-    ):
+    for name, callback in CALLBACKS.items():
         callback(sys.modules.get(name) or importlib.import_module(name))

@@ -15,7 +15,7 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional
 
 import safetensors
 from mergekit import merge
@@ -31,18 +31,20 @@ from pydantic import ValidationError
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
+from mergekit_sigmoid_diff.plan import InputGroup, TransferPlan, has_roles, input_groups, transfer_plan
 
 Settings = Optional[Mapping[str, Any]]
 
 
-def check_recipe(config: MergeConfiguration) -> None:
-    """Raise :class:`SigmoidDiffError` for the first problem found in ``config``."""
+def check_recipe(config: MergeConfiguration) -> Optional[TransferPlan]:
+    """Raise :class:`SigmoidDiffError` for the first problem found in ``config``; return
+    its transfer plan (None for a method without roles, such as ``varm``)."""
     method = config.merge_method
     method_spec = registry.get(method).spec
     specs = {p.name: p for p in method_spec.parameters}
-    has_roles = "role" in specs  # sigmoid_diff: one target and donors; varm: a plain list
+    roles = has_roles(method)  # sigmoid_diff: one target and donors; varm: a plain list
     if config.base_model is None:
-        merged = "target and donors" if has_roles else "the models it merges"
+        merged = "target and donors" if roles else "the models it merges"
         raise SigmoidDiffError(f"{method} needs base_model: the common ancestor of {merged}")
 
     for where, settings, per_model in _parameter_blocks(config):
@@ -62,15 +64,11 @@ def check_recipe(config: MergeConfiguration) -> None:
             for value in _leaf_values(setting):
                 _validate(spec, value, where)
 
-    for where, base, models in _input_groups(config):
-        if has_roles:
-            _check_roles(where, base, models)
-        else:
-            _check_model_count(method, where, base, models, method_spec.contract.min_non_base or 1)
-    if has_roles:  # one target for the output config; inherit_rope/inherit_chat on one donor each
-        from mergekit_sigmoid_diff.output import output_plan
-
-        output_plan(config)
+    if roles:
+        return transfer_plan(config)
+    for group in input_groups(config):
+        _check_model_count(method, group, method_spec.contract.min_non_base or 1)
+    return None
 
 
 def _validate(spec: ParameterSpec, value: Any, where: str) -> None:
@@ -115,69 +113,12 @@ def _parameter_blocks(config: MergeConfiguration) -> Iterator[tuple[str, Setting
                 )
 
 
-def _input_groups(config: MergeConfiguration):
-    """(location, base, [(model, [settings from most to least specific])]) per merge."""
-    top = config.parameters
-    if config.models:
-        yield "models", config.base_model, [(m.model, [m.parameters, top]) for m in config.models]
-    for i, s in enumerate(config.slices or ()):
-        base = s.base_model or config.base_model
-        yield f"slices[{i}]", base, [(src.model, [src.parameters, s.parameters, top]) for src in s.sources]
-    for name, module in (config.modules or {}).items():
-        if module.models:
-            yield (
-                f"module {name}",
-                config.base_model,
-                [(m.model, [m.parameters, module.parameters, top]) for m in module.models],
-            )
-        for i, s in enumerate(module.slices or ()):
-            base = s.base_model or config.base_model
-            yield (
-                f"module {name} slices[{i}]",
-                base,
-                [(src.model, [src.parameters, s.parameters, module.parameters, top]) for src in s.sources],
-            )
-
-
-def _check_roles(where: str, base: Any, models: Sequence[tuple[Any, list[Settings]]]) -> None:
-    targets, donors = [], []
-    for model, scopes in models:
-        own = scopes[0] or {}
-        if model == base:
-            if "role" in own:
-                raise SigmoidDiffError(
-                    f"base_model {model} is the common ancestor and takes no role (in {where})"
-                )
-            continue
-        role = next((s["role"] for s in scopes if s and "role" in s), "donor")
-        if not isinstance(role, str):
-            raise SigmoidDiffError(
-                f"role of model {model} in {where} must be a single value (target or donor), "
-                "not a gradient or filter"
-            )
-        if role == "target" and "weight" in own:
-            raise SigmoidDiffError(
-                f"weight applies to donors; model {model} in {where} is the target (its diff is kept whole)"
-            )
-        (targets if role == "target" else donors).append(model)
-    if len(targets) != 1:
-        found = ", ".join(str(m) for m in targets) or "none"
-        raise SigmoidDiffError(
-            f"{where} needs exactly one model with role: target (found {found})"
-        )
-    if not donors:
-        raise SigmoidDiffError(
-            f"{where} has a target ({targets[0]}) but no donor model: add the model whose "
-            "feature you transfer"
-        )
-
-
-def _check_model_count(method: str, where: str, base: Any, models: Sequence[tuple[Any, Any]], minimum: int) -> None:
-    merged = [model for model, _ in models if model != base]
+def _check_model_count(method: str, group: InputGroup, minimum: int) -> None:
+    merged = [entry.model for entry in group.models if entry.model != group.base]
     if len(merged) < minimum:
         found = ", ".join(str(m) for m in merged) or "none"
         raise SigmoidDiffError(
-            f"{method}: {where} needs at least {minimum} models besides base_model (found {found})"
+            f"{method}: {group.where} needs at least {minimum} models besides base_model (found {found})"
         )
 
 
@@ -325,6 +266,21 @@ def _read_headers(model: ModelReference, folder: Path) -> Optional[Shapes]:
     return shapes
 
 
+def planned_merges(config: MergeConfiguration, options: MergeOptions) -> list[Any]:
+    """mergekit's own merge steps for ``config`` (``ExecuteMergeMethodTask``s, one per
+    output tensor, every parameter resolved), planned as for a merge; nothing is read
+    or written. The planner works on a copy: it rewrites the configuration it is given."""
+    arch_info = get_architecture_info(config, options)
+    # the output config fixes the output layer count for slice recipes, as in run_merge
+    out_config = merge._model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    LoaderCache().setup(options=options)  # the planner looks up optional tensors through it
+    planner = MergePlanner(config.model_copy(deep=True), arch_info, options=options, out_model_config=out_config)
+    # plan_in_memory() fails in mergekit 0.1.5 (its ReturnTensor does not validate): take the
+    # merge steps from the on-disk plan, whose writer tasks are never run
+    steps = (getattr(task, "tensor_task", None) for task in planner.plan_to_disk(out_path=os.devnull))
+    return [step for step in steps if step is not None]  # not the finalize / tokenizer tasks
+
+
 def _check_tensors(
     config: MergeConfiguration,
     options: MergeOptions,
@@ -332,18 +288,10 @@ def _check_tensors(
     converted: set[ModelReference],
 ) -> None:
     """Walk the merge plan (no tensor is read) and check each output tensor's inputs."""
-    arch_info = get_architecture_info(config, options)
-    out_config = merge._model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
-    LoaderCache().setup(options=options)  # the planner looks up optional tensors through it
-    # the planner rewrites the configuration it is given: hand it a copy
-    planner = MergePlanner(config.model_copy(deep=True), arch_info, options=options, out_model_config=out_config)
     aligned_vocabulary = bool(
         config.tokenizer is not None or config.tokenizer_source is not None or options.unsafe_truncate_embeddings
     )
-    for task in planner.plan_to_disk(out_path=os.devnull):  # tasks are only built, never run
-        merge_task = getattr(task, "tensor_task", None)
-        if merge_task is None:  # finalize / tokenizer tasks
-            continue
+    for merge_task in planned_merges(config, options):
         gather = merge_task.gather_tensors
         gather = getattr(gather, "gather_tensors", gather)  # vocabulary alignment wraps it
         _check_tensor(config, merge_task.output_weight, gather.weight_info, headers, converted, aligned_vocabulary)

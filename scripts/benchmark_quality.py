@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mergekit_sigmoid_diff.benchmarks import quality, recipes, report, training
+    from benchlib import quality, recipes, report, training
 
     schedule = training.QUICK if args.quick else training.FULL
     seeds = args.seeds[:1] if args.quick else args.seeds

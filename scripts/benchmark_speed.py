@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from mergekit_sigmoid_diff.benchmarks.speed import (
+from benchlib.speed import (
     TASK_ARITHMETIC,
     LlamaShape,
     build_synthetic_triple,

@@ -30,3 +30,49 @@ def published_formula(
         ratio = torch.sigmoid((drift - lo) / (hi - lo) * steepness - steepness * midpoint)
     total = sum(w * (d.double() - b) for d, w in zip(donors, weights))
     return t + total * (1 - ratio)
+
+
+def projected_diff(
+    base: torch.Tensor, target: torch.Tensor, diff: torch.Tensor, side: str, energy: float
+) -> torch.Tensor:
+    """D with the target drift's top singular directions removed, in float64 from a full SVD.
+
+    r = the smallest rank whose top σ² sum to at least ``energy`` · Σσ²; ``input`` removes
+    D V_r V_rᵀ, ``output`` removes U_r U_rᵀ D, ``both`` applies both projections.
+    """
+    drift = target.double() - base.double()
+    d = diff.double()
+    u, s, vh = torch.linalg.svd(drift, full_matrices=False)
+    power = s.square()
+    total = power.sum().item()
+    if total == 0 or energy == 0:
+        return d
+    rank = int((torch.cumsum(power, 0) < energy * total * (1 - 1e-12)).sum().item()) + 1
+    u, v = u[:, :rank], vh[:rank].T
+    if side in ("output", "both"):
+        d = d - u @ (u.T @ d)
+    if side in ("input", "both"):
+        d = d - (d @ v) @ v.T
+    return d
+
+
+def reference_transfer(
+    base: torch.Tensor,
+    target: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    knobs: dict,
+    vocabulary: bool = False,
+) -> torch.Tensor:
+    """The whole per-tensor rule in float64: ``gate: false`` → plain diff; ``protect_subspace``
+    on a 2-D non-vocabulary tensor → the projection; else the published element-wise gate
+    (``normalize: minmax`` only)."""
+    assert knobs.get("normalize", "minmax") == "minmax", "the reference implements the published minmax gate"
+    total = sum(w * (d.double() - base.double()) for d, w in zip(donors, weights))
+    if not knobs.get("gate", True):
+        return target.double() + total
+    side = knobs.get("protect_subspace", "none")
+    if side != "none" and target.dim() == 2 and not vocabulary:
+        return target.double() + projected_diff(base, target, total, side, knobs.get("protect_energy", 0.5))
+    gate = {k: knobs[k] for k in ("steepness", "midpoint", "eps") if k in knobs}
+    return published_formula(base, target, donors, weights, **gate)

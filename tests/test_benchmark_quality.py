@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergekit_sigmoid_diff.benchmarks import quality, recipes, report, scoring, training
-from mergekit_sigmoid_diff.benchmarks import world as w
+from benchlib import quality, recipes, report, scoring, training
+from benchlib import world as w
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_quality.py"
 

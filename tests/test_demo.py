@@ -1,4 +1,5 @@
-"""The README's main job runs end to end and its evaluation holds."""
+"""``demo --tiny``, the plumbing check on tiny random models, runs end to end and its evaluation holds
+(the main job on SmolLM2 is tested in test_main_job.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_merges_and_reports_per_layer_fractions(tmp_path, capsys):
-    main(["demo", "--workdir", str(tmp_path / "demo")])
+    main(["demo", "--tiny", "--workdir", str(tmp_path / "demo")])
     printed = capsys.readouterr().out
     rows = re.findall(r"^\s*(\d+|model)\s+([\d.]+)\s+([\d.]+)$", printed, flags=re.M)
     assert [r[0] for r in rows] == ["0", "1", "2", "3", "model"]

@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mergekit_sigmoid_diff.tiny import build_triple, tiny_config
-from tests.test_errors_models import merge_in_process
-from tests.test_errors_recipe import normalize_options
-from tests.util import run_mergekit_yaml
+from tests.support import merge_in_process, normalize_options, run_mergekit_yaml
 
 # 32 × 2112 = 67584 elements in each MLP matrix: above the kernel's chunk and the
 # normalizations' sample size (both 65536), so the chunked and sampled paths run too.

@@ -24,7 +24,7 @@ from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.plugin import activate
 from mergekit_sigmoid_diff.preflight import check_models
 from mergekit_sigmoid_diff.tiny import build_triple, save_state, tiny_config, tiny_tokenizer
-from tests.util import run_mergekit_yaml
+from tests.support import assert_left_nothing, looks_finished, merge_in_process, run_mergekit_yaml
 
 activate()
 
@@ -111,24 +111,6 @@ def recipe(zoo: dict[str, Path], base: str = "base", target: str = "target", don
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def merge_in_process(config: dict, out: Path, **options: Any) -> None:
-    from mergekit import merge  # the wrapped run_merge, as mergekit-yaml calls it
-
-    merge.run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True, **options))
-
-
-def looks_finished(folder: Path) -> bool:
-    """What a user would take for a finished model: config.json beside safetensors."""
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def assert_left_nothing(out: Path) -> None:
-    """No OUT, and no leftover staging folder (or anything model-like) beside it."""
-    assert not out.exists()
-    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(out.name) and p.is_dir()]
-    assert leftovers == []
 
 
 # --- errors found before any tensor is read -----------------------------------------------

@@ -3,22 +3,13 @@ the guarantee that a bad recipe stops the merge before any file or folder is wri
 
 from __future__ import annotations
 
-import typing
 
 import pytest
 from mergekit.config import MergeConfiguration
-from mergekit.merge_methods import registry
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.preflight import check_recipe
-from tests.test_errors_models import merge_in_process
-from tests.util import one_donor_recipe
-
-
-def normalize_options() -> tuple[str, ...]:
-    """The values the method's spec declares for ``normalize`` (a Literal)."""
-    spec = next(p for p in registry.get("sigmoid_diff").spec.parameters if p.name == "normalize")
-    return typing.get_args(spec.value_type)
+from tests.support import merge_in_process, normalize_options, one_donor_recipe
 
 
 def recipe(triple=None, parameters=None, **top) -> dict:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from mergekit_sigmoid_diff import cli, inspection, kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.tiny import save_state, tiny_config
-from tests.util import load_model_tensors
+from tests.support import load_model_tensors
 
 
 def reference_stats(base, target, donors, weights, steepness, midpoint, eps, gate) -> dict[str, float]:
@@ -101,7 +101,7 @@ def test_every_tensor_matches_a_direct_computation_from_safetensors(report, trip
     assert {r["name"] for r in doc["tensors"]} == names and not doc["skipped"]
     for r in doc["tensors"]:
         name, knobs = r["name"], hand_resolved(r["name"])
-        assert r["gate"] is knobs["gate"], name
+        assert r["mode"] == ("elementwise" if knobs["gate"] else "plain"), name
         assert r["parameters"]["steepness"] == pytest.approx(knobs["steepness"]), name
         assert r["parameters"]["midpoint"] == pytest.approx(knobs["midpoint"]), name
         assert list(r["weights"].values()) == pytest.approx(knobs["weights"]), name
@@ -180,24 +180,10 @@ def test_tensor_kinds(name, kind, layer):
 def test_ungated_and_flat_drift_apply_everything():
     base = torch.zeros(4, 4)
     donor = torch.full((4, 4), 0.1)
-    spread = inspection.tensor_report("x", base, torch.randn(4, 4), [donor], [1.0], {"gate": False})
-    flat = inspection.tensor_report("x", base, torch.full((4, 4), 0.3), [donor], [1.0], {"gate": True})
+    spread = inspection.tensor_report("x", base, torch.randn(4, 4), [donor], [1.0], kernel.GateSettings(gate=False))
+    flat = inspection.tensor_report("x", base, torch.full((4, 4), 0.3), [donor], [1.0], kernel.GateSettings())
     for r in (spread, flat):
         assert r.applied_fraction == 1.0 and r.weighted_fraction == pytest.approx(1.0)
-
-
-def test_kernel_options_pass_through_what_the_kernel_accepts():
-    """steepness/midpoint/eps today; an option the kernel grows (``normalize``) passes too."""
-    import inspect as pyinspect
-
-    accepted = {
-        p.name
-        for p in pyinspect.signature(kernel.applied_fraction_).parameters.values()
-        if p.kind == pyinspect.Parameter.KEYWORD_ONLY
-    }
-    resolved = {"steepness": 3.0, "midpoint": 0.4, "eps": 0.0, "gate": True, "normalize": "minmax", "role": "x"}
-    assert set(inspection.kernel_options(resolved)) == accepted & set(resolved)
-    assert {"steepness", "midpoint", "eps"} <= set(inspection.kernel_options(resolved))
 
 
 def test_non_finite_model_is_named(triple2, tmp_path):
@@ -260,7 +246,7 @@ def test_the_recipes_normalize_option_reaches_the_kernel(triple2, tmp_path):
     (r,) = [r for r in reports if r.name == name]
     assert r.parameters["normalize"] == "rank"
     drift = lambda: (read_tensor(triple2["target"], name) - read_tensor(triple2["base"], name)).abs()
-    ranked = kernel.applied_fraction_(drift(), normalize="rank").mean().item()
+    ranked = kernel.applied_fraction_(drift(), kernel.GateSettings(normalize="rank")).mean().item()
     minmax = kernel.applied_fraction_(drift()).mean().item()
     assert r.applied_fraction == pytest.approx(ranked, rel=1e-6)
     assert abs(ranked - minmax) > 1e-3  # the option changes the answer, so the check means something

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergekit_sigmoid_diff.kernel import applied_fraction_, sigmoid_diff
+from mergekit_sigmoid_diff.kernel import GateSettings, applied_fraction_, sigmoid_diff
 from tests.reference import published_formula
 
 
@@ -32,9 +32,9 @@ def test_constant_drift_takes_the_whole_diff():
 
 def test_eps_branch_is_strictly_below_eps():
     drift = torch.tensor([0.0, 0.5e-6])
-    assert torch.equal(applied_fraction_(drift.clone(), eps=1e-6), torch.ones(2))
+    assert torch.equal(applied_fraction_(drift.clone(), GateSettings(eps=1e-6)), torch.ones(2))
     spread = torch.tensor([0.0, 2e-6])
-    fraction = applied_fraction_(spread.clone(), eps=1e-6)
+    fraction = applied_fraction_(spread.clone(), GateSettings(eps=1e-6))
     assert fraction[0] > 0.99 and fraction[1] < 0.01
 
 
@@ -66,7 +66,7 @@ def test_float64_inputs_stay_float64():
 
 def test_gate_off_is_task_arithmetic():
     base, target, d1, d2 = (torch.randn(6, 3) for _ in range(4))
-    out = sigmoid_diff(base, target, [d1, d2], [0.3, 0.9], gate=False)
+    out = sigmoid_diff(base, target, [d1, d2], [0.3, 0.9], GateSettings(gate=False))
     torch.testing.assert_close(out, target + 0.3 * (d1 - base) + 0.9 * (d2 - base))
 
 
@@ -82,7 +82,7 @@ def test_matches_reference_with_custom_knobs():
     base = torch.randn(32, 16, generator=generator)
     target = base + 0.05 * torch.randn(32, 16, generator=generator) ** 3  # heavy-tailed drift
     donors = [base + 0.01 * torch.randn(32, 16, generator=generator) for _ in range(2)]
-    out = sigmoid_diff(base, target, donors, [0.7, 1.3], steepness=5.0, midpoint=0.2, eps=1e-8)
+    out = sigmoid_diff(base, target, donors, [0.7, 1.3], GateSettings(steepness=5.0, midpoint=0.2, eps=1e-8))
     expected = published_formula(base, target, donors, [0.7, 1.3], steepness=5.0, midpoint=0.2, eps=1e-8)
     assert (out.double() - expected).abs().max() < 2e-6
 
@@ -113,7 +113,7 @@ def test_donor_equal_to_base_returns_the_target(tensors, weights):
 @given(tensor_sets(3), st.floats(-2, 2, allow_nan=False), st.floats(0.5, 50), st.floats(0, 1))
 def test_target_equal_to_base_takes_the_whole_weighted_diff(tensors, weight, steepness, midpoint):
     base, donor, _ = tensors
-    out = sigmoid_diff(base, base.clone(), [donor], [weight], steepness=steepness, midpoint=midpoint)
+    out = sigmoid_diff(base, base.clone(), [donor], [weight], GateSettings(steepness=steepness, midpoint=midpoint))
     torch.testing.assert_close(out, base + weight * (donor - base))
 
 
@@ -122,7 +122,7 @@ def test_target_equal_to_base_takes_the_whole_weighted_diff(tensors, weight, ste
 def test_applied_fraction_is_monotone_and_bounded(tensors, steepness, midpoint):
     base, target, _, _ = tensors
     drift = (target - base).abs().flatten()
-    fraction = applied_fraction_(drift.clone(), steepness=steepness, midpoint=midpoint)
+    fraction = applied_fraction_(drift.clone(), GateSettings(steepness=steepness, midpoint=midpoint))
     assert ((fraction >= 0) & (fraction <= 1)).all()
     order = torch.argsort(drift)
     assert (fraction[order].diff() <= 1e-7).all()  # more drift, never more of the diff

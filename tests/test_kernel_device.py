@@ -16,8 +16,9 @@ import textwrap
 import pytest
 import torch
 
-from mergekit_sigmoid_diff.kernel import sigmoid_diff
+from mergekit_sigmoid_diff.kernel import GateSettings, sigmoid_diff
 from mergekit_sigmoid_diff.normalization import NORMALIZATIONS, SAMPLE_SIZE
+from tests.reference import published_formula
 
 DEVICES = [
     "cpu",
@@ -41,18 +42,23 @@ def inputs(device: str) -> list[torch.Tensor]:
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
 def test_the_result_follows_the_inputs_device(device, normalize):
     base, target, *donors = inputs(device)
-    out = sigmoid_diff(base, target, donors, [0.5, 1.0], normalize=normalize, out_dtype=torch.bfloat16)
+    out = sigmoid_diff(base, target, donors, [0.5, 1.0], GateSettings(normalize=normalize), out_dtype=torch.bfloat16)
     assert out.device.type == device and out.dtype == torch.bfloat16 and out.shape == target.shape
-    # The same numbers as on the CPU (exactly on the CPU itself, to float rounding elsewhere).
-    reference = sigmoid_diff(*(t.cpu() for t in (base, target)), [d.cpu() for d in donors], [0.5, 1.0],
-                             normalize=normalize, out_dtype=torch.bfloat16)
-    torch.testing.assert_close(out.cpu(), reference, rtol=2**-7, atol=1e-6)
+    if normalize == "minmax":  # the independent float64 formula, on any device
+        reference = published_formula(*(t.cpu() for t in (base, target)), [d.cpu() for d in donors], [0.5, 1.0])
+        torch.testing.assert_close(out.cpu().double(), reference, rtol=2**-7, atol=1e-6)
+    elif device != "cpu":  # the robust options: the same numbers as the CPU kernel, to rounding
+        reference = sigmoid_diff(
+            *(t.cpu() for t in (base, target)), [d.cpu() for d in donors], [0.5, 1.0],
+            GateSettings(normalize=normalize), out_dtype=torch.bfloat16,
+        )
+        torch.testing.assert_close(out.cpu(), reference, rtol=2**-7, atol=1e-6)
 
 
 MEMORY_PROBE = textwrap.dedent(
     """
     import resource, torch
-    from mergekit_sigmoid_diff.kernel import sigmoid_diff
+    from mergekit_sigmoid_diff.kernel import GateSettings, sigmoid_diff
     from mergekit_sigmoid_diff.normalization import NORMALIZATIONS
     torch.set_num_threads(1)
     n = 1 << 22
@@ -60,10 +66,10 @@ MEMORY_PROBE = textwrap.dedent(
     base, target, donor = (torch.randn(n, dtype=torch.bfloat16) for _ in range(3))
     for normalize in NORMALIZATIONS:  # first calls map code pages and caches: not per-tensor memory
         small = base[: 1 << 18]
-        sigmoid_diff(small, target[: 1 << 18], [donor[: 1 << 18]], [1.0], normalize=normalize, out_dtype=torch.bfloat16)
+        sigmoid_diff(small, target[: 1 << 18], [donor[: 1 << 18]], [1.0], GateSettings(normalize=normalize), out_dtype=torch.bfloat16)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for normalize in NORMALIZATIONS:  # the peak over all three: freed outputs are reused
-        out = sigmoid_diff(base, target, [donor], [1.0], normalize=normalize, out_dtype=torch.bfloat16)
+        out = sigmoid_diff(base, target, [donor], [1.0], GateSettings(normalize=normalize), out_dtype=torch.bfloat16)
         del out
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) * 1024)

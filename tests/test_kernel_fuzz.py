@@ -109,8 +109,8 @@ def rounding(compute: torch.dtype, scale: torch.Tensor, terms: int) -> torch.Ten
 def test_finite_inputs_give_a_bounded_finite_output(case):
     base, target, donors, weights, knobs = (case[k] for k in ("base", "target", "donors", "weights", "knobs"))
     originals = [t.clone() for t in (base, target, *donors)]
-    out = kernel.sigmoid_diff(base, target, donors, weights, **knobs)
-    again = kernel.sigmoid_diff(base, target, donors, weights, **knobs)
+    out = kernel.sigmoid_diff(base, target, donors, weights, kernel.GateSettings(**knobs))
+    again = kernel.sigmoid_diff(base, target, donors, weights, kernel.GateSettings(**knobs))
 
     compute = kernel.compute_dtype(base, target, *donors)
     assert out.shape == target.shape and out.dtype == compute
@@ -158,7 +158,7 @@ def drifts(draw) -> tuple[torch.Tensor, dict]:
 def test_applied_fraction_is_bounded_and_never_grows_with_drift(case):
     drift, knobs = case
     compute = drift.dtype
-    fraction = kernel.applied_fraction_(drift.clone(), **knobs)
+    fraction = kernel.applied_fraction_(drift.clone(), kernel.GateSettings(**knobs))
 
     assert fraction.shape == drift.shape and torch.isfinite(fraction).all()
     assert ((fraction >= 0) & (fraction <= 1)).all()
@@ -179,7 +179,7 @@ def test_any_nan_or_inf_input_is_reported(case, data):
     culprit = tensors[data.draw(st.integers(0, len(tensors) - 1))].view(-1)
     culprit[data.draw(st.integers(0, culprit.numel() - 1))] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
     try:
-        kernel.sigmoid_diff(tensors[0], tensors[1], tensors[2:], case["weights"], check_finite=True, **case["knobs"])
+        kernel.sigmoid_diff(tensors[0], tensors[1], tensors[2:], case["weights"], kernel.GateSettings(**case["knobs"]), check_finite=True)
     except kernel.NonFiniteError:
         return
     raise AssertionError("a non-finite input gave a finite output")
@@ -188,5 +188,5 @@ def test_any_nan_or_inf_input_is_reported(case, data):
 @pytest.mark.parametrize("normalize", kernel.NORMALIZATIONS)
 def test_zero_eps_with_constant_drift_takes_the_whole_diff(normalize):
     base = torch.zeros(8)
-    out = kernel.sigmoid_diff(base, base.clone(), [torch.ones(8)], [1.0], eps=0.0, normalize=normalize)
+    out = kernel.sigmoid_diff(base, base.clone(), [torch.ones(8)], [1.0], kernel.GateSettings(eps=0.0, normalize=normalize))
     assert torch.equal(out, torch.ones(8))

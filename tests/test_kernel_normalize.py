@@ -16,7 +16,7 @@ from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_sigmoid_diff import kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from mergekit_sigmoid_diff.kernel import NonFiniteError, applied_fraction_, sigmoid_diff
+from mergekit_sigmoid_diff.kernel import GateSettings, NonFiniteError, applied_fraction_, sigmoid_diff
 from mergekit_sigmoid_diff.normalization import NORMALIZATIONS, SAMPLE_SIZE, sample_quantile
 from mergekit_sigmoid_diff.plugin import register
 
@@ -31,7 +31,7 @@ def fraction(x: list[float]) -> torch.Tensor:
 def gate_of(drift: list[float], **options) -> torch.Tensor:
     """out − T for B = 0, T = drift, I = 1: the applied fraction the kernel chose."""
     target = torch.tensor(drift, dtype=torch.float64)
-    out = sigmoid_diff(torch.zeros_like(target), target, [torch.ones_like(target)], [1.0], **options)
+    out = sigmoid_diff(torch.zeros_like(target), target, [torch.ones_like(target)], [1.0], GateSettings(**options))
     return out - target
 
 
@@ -43,7 +43,7 @@ def test_minmax_by_name_is_the_default_bit_for_bit():
     generator = torch.Generator().manual_seed(1)
     base, target, donor = (torch.randn(300, 7, generator=generator) for _ in range(3))
     assert torch.equal(
-        sigmoid_diff(base, target, [donor], [0.8], normalize="minmax"), sigmoid_diff(base, target, [donor], [0.8])
+        sigmoid_diff(base, target, [donor], [0.8], GateSettings(normalize="minmax")), sigmoid_diff(base, target, [donor], [0.8])
     )
 
 
@@ -63,7 +63,7 @@ def test_quantile_level_one_is_minmax_bit_for_bit():
     generator = torch.Generator().manual_seed(2)
     base, target, donor = (torch.randn(40, 40, generator=generator) for _ in range(3))
     assert torch.equal(
-        sigmoid_diff(base, target, [donor], [1.0], normalize="quantile", quantile=1.0),
+        sigmoid_diff(base, target, [donor], [1.0], GateSettings(normalize="quantile", quantile=1.0)),
         sigmoid_diff(base, target, [donor], [1.0]),
     )
 
@@ -112,18 +112,18 @@ def test_a_large_tensor_uses_a_deterministic_sample_close_to_the_exact_statistic
     base, donor = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
     lo = drift.min().item()
 
-    quantile_out = sigmoid_diff(base, drift, [donor], [1.0], normalize="quantile", quantile=0.9) - drift
+    quantile_out = sigmoid_diff(base, drift, [donor], [1.0], GateSettings(normalize="quantile", quantile=0.9)) - drift
     x = (-torch.logit(quantile_out) / K + M).clamp(0, 1)  # invert the gate
     scale = ((drift - lo) / x)[(x > 0.05) & (x < 0.95)].median().item()
     exact = torch.quantile(drift, torch.tensor([0.89, 0.9, 0.91], dtype=torch.float64)).tolist()
     assert exact[0] - lo < scale < exact[2] - lo  # within ±0.01 of the level
 
-    rank_out = sigmoid_diff(base, drift, [donor], [1.0], normalize="rank") - drift
+    rank_out = sigmoid_diff(base, drift, [donor], [1.0], GateSettings(normalize="rank")) - drift
     x_rank = (-torch.logit(rank_out) / K + M).clamp(0, 1)
     exact_rank = torch.argsort(torch.argsort(drift)).double() / (n - 1)
     assert (x_rank - exact_rank).abs().max() < 0.02
 
-    again = sigmoid_diff(base, drift, [donor], [1.0], normalize="quantile", quantile=0.9) - drift
+    again = sigmoid_diff(base, drift, [donor], [1.0], GateSettings(normalize="quantile", quantile=0.9)) - drift
     assert torch.equal(again, quantile_out)  # same tensor, same sample, same bytes
 
 
@@ -136,7 +136,7 @@ def test_chunking_does_not_change_a_single_bit(normalize, monkeypatch):
     donors = [(base.float() + 0.01 * torch.randn(shape, generator=generator)).bfloat16() for _ in range(2)]
 
     def run() -> torch.Tensor:
-        return sigmoid_diff(base, target, donors, [0.7, 1.2], normalize=normalize, out_dtype=torch.bfloat16)
+        return sigmoid_diff(base, target, donors, [0.7, 1.2], GateSettings(normalize=normalize), out_dtype=torch.bfloat16)
 
     whole = run()
     monkeypatch.setattr(kernel, "CHUNK", 1024)  # a multiple of every SIMD width
@@ -147,8 +147,8 @@ def test_out_dtype_is_one_rounding_of_the_compute_dtype_result():
     generator = torch.Generator().manual_seed(6)
     base, target, donor = (torch.randn(50, 30, generator=generator).bfloat16() for _ in range(3))
     for normalize in NORMALIZATIONS:
-        exact = sigmoid_diff(base, target, [donor], [1.0], normalize=normalize)
-        rounded = sigmoid_diff(base, target, [donor], [1.0], normalize=normalize, out_dtype=torch.bfloat16)
+        exact = sigmoid_diff(base, target, [donor], [1.0], GateSettings(normalize=normalize))
+        rounded = sigmoid_diff(base, target, [donor], [1.0], GateSettings(normalize=normalize), out_dtype=torch.bfloat16)
         assert exact.dtype == torch.float32 and rounded.dtype == torch.bfloat16
         assert torch.equal(rounded, exact.bfloat16())
 
@@ -156,11 +156,11 @@ def test_out_dtype_is_one_rounding_of_the_compute_dtype_result():
 def test_applied_fraction_takes_the_options_too():
     drift = torch.tensor([[2.0, 0.0], [100.0, 1.0]])
     torch.testing.assert_close(
-        applied_fraction_(drift.clone(), normalize="quantile", quantile=2 / 3),
+        applied_fraction_(drift.clone(), GateSettings(normalize="quantile", quantile=2 / 3)),
         fraction([1.0, 0.0, 1.0, 0.5]).float().reshape(2, 2),
     )
     torch.testing.assert_close(
-        applied_fraction_(drift.clone(), normalize="rank"), fraction([2 / 3, 0.0, 1.0, 1 / 3]).float().reshape(2, 2)
+        applied_fraction_(drift.clone(), GateSettings(normalize="rank")), fraction([2 / 3, 0.0, 1.0, 1 / 3]).float().reshape(2, 2)
     )
 
 
@@ -187,9 +187,9 @@ def test_bad_options_are_refused(options, message):
 def test_non_finite_target_gives_nan_or_raises_when_asked(normalize):
     target = torch.tensor([0.0, 1.0, math.inf, 2.0])
     zero, one = torch.zeros(4), torch.ones(4)
-    assert sigmoid_diff(zero, target, [one], [1.0], normalize=normalize).isnan().all()
+    assert sigmoid_diff(zero, target, [one], [1.0], GateSettings(normalize=normalize)).isnan().all()
     with pytest.raises(NonFiniteError):
-        sigmoid_diff(zero, target, [one], [1.0], normalize=normalize, check_finite=True)
+        sigmoid_diff(zero, target, [one], [1.0], GateSettings(normalize=normalize), check_finite=True)
 
 
 def test_check_finite_catches_a_bad_donor_and_an_overflowing_cast():
@@ -199,8 +199,8 @@ def test_check_finite_catches_a_bad_donor_and_an_overflowing_cast():
         sigmoid_diff(zero, ramp, [donor], [1.0], check_finite=True)
     big = torch.full((5,), 60000.0)
     with pytest.raises(NonFiniteError):  # finite in float32, Inf once written as float16
-        sigmoid_diff(zero, ramp, [big], [2.0], gate=False, out_dtype=torch.float16, check_finite=True)
-    sigmoid_diff(zero, ramp, [big], [2.0], gate=False, check_finite=True)  # float32 holds it
+        sigmoid_diff(zero, ramp, [big], [2.0], GateSettings(gate=False), out_dtype=torch.float16, check_finite=True)
+    sigmoid_diff(zero, ramp, [big], [2.0], GateSettings(gate=False), check_finite=True)  # float32 holds it
 
 
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
@@ -215,7 +215,7 @@ def test_the_merge_method_passes_the_options_and_keeps_the_input_dtype(normalize
         parameters={"role": ["target", "donor"], "normalize": normalize, "quantile": 0.9},
     )
     assert out.dtype == torch.bfloat16
-    expected = sigmoid_diff(base, target, [donor], [1.0], normalize=normalize, quantile=0.9)
+    expected = sigmoid_diff(base, target, [donor], [1.0], GateSettings(normalize=normalize, quantile=0.9))
     assert torch.equal(out, expected.bfloat16())
 
 
@@ -253,13 +253,13 @@ def tensor_pairs(draw):
 def test_robust_options_keep_the_defining_properties(tensors, normalize, level, weight):
     base, other = tensors
     # I = B: nothing to add, the target comes back exactly.
-    out = sigmoid_diff(base, other, [base.clone()], [weight], normalize=normalize, quantile=level)
+    out = sigmoid_diff(base, other, [base.clone()], [weight], GateSettings(normalize=normalize, quantile=level))
     assert torch.equal(out, other)
     # T = B: no drift, the whole weighted diff goes in.
-    out = sigmoid_diff(base, base.clone(), [other], [weight], normalize=normalize, quantile=level)
+    out = sigmoid_diff(base, base.clone(), [other], [weight], GateSettings(normalize=normalize, quantile=level))
     torch.testing.assert_close(out, base + weight * (other - base))
     # The fraction lies in [0, 1] and never grows with the drift.
     drift = (other - base).abs().flatten()
-    gate = applied_fraction_(drift.clone(), normalize=normalize, quantile=level)
+    gate = applied_fraction_(drift.clone(), GateSettings(normalize=normalize, quantile=level))
     assert ((gate >= 0) & (gate <= 1)).all()
     assert (gate[torch.argsort(drift)].diff() <= 1e-7).all()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.reference import published_formula
-from tests.util import load_model_tensors, one_donor_recipe, run_mergekit_yaml
+from tests.support import load_model_tensors, one_donor_recipe, run_mergekit_yaml
 
 pytestmark = pytest.mark.slow
 

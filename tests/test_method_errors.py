@@ -12,7 +12,7 @@ from mergekit.merge_methods import merge_tensors
 from mergekit_sigmoid_diff import register
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.preflight import check_recipe
-from tests.util import run_mergekit_yaml
+from tests.support import run_mergekit_yaml
 
 register()
 

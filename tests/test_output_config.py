@@ -17,9 +17,11 @@ from mergekit.options import MergeOptions
 from transformers import AutoConfig, AutoTokenizer
 
 from mergekit_sigmoid_diff import output, preflight
+from mergekit_sigmoid_diff.plan import TransferPlan, transfer_plan
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.plugin import activate
-from mergekit_sigmoid_diff.tiny import CHAT_TOKENS, CHATML_TEMPLATE, tiny_config, tiny_tokenizer, write_old_style_rope
+from mergekit_sigmoid_diff.tiny import tiny_config, tiny_tokenizer
+from tests.support import CHATML_TEMPLATE, CHAT_TOKENS, write_old_style_rope
 
 B, T, I, J = "/m/base", "/m/target", "/m/donor", "/m/other-donor"
 
@@ -74,10 +76,10 @@ def test_slices_must_share_one_target() -> None:
 def test_plan_resolves_flags_like_mergekit_and_ignores_the_base() -> None:
     # a top-level flag applies to every donor (here one); the target is not counted
     config = recipe([target(), donor(inherit_chat=True), {"model": B}], parameters={"inherit_rope": True})
-    preflight.check_recipe(config)
-    plan = output.output_plan(config)
+    plan = preflight.check_recipe(config)
     assert (str(plan.target), str(plan.rope_donor), str(plan.chat_donor)) == (T, I, I)
-    assert output.output_plan(recipe([target(), donor()])) == output.OutputPlan(target=plan.target)
+    assert [str(d) for d in plan.donors] == [I]
+    assert preflight.check_recipe(recipe([target(), donor()])) == TransferPlan(target=plan.target, donors=plan.donors)
 
 
 # --- config.json ---------------------------------------------------------------------------
@@ -193,13 +195,16 @@ def test_prepare_checks_the_chat_donor_before_merging(tokenizer_folders) -> None
         activate()
         return MergeConfiguration.model_validate({"merge_method": "sigmoid_diff", "base_model": p["base"], "models": models, **extra})
 
+    def prepare(config, options):
+        return output.prepare(config, options, transfer_plan(config))
+
     with pytest.raises(SigmoidDiffError, match=r"'<\|im_start\|>'.* not in the output vocabulary.*source: union"):
-        output.prepare(config(models), options)
-    assert output.prepare(config(models, tokenizer={"source": "union"}), options).chat_donor is not None
+        prepare(config(models), options)
+    assert prepare(config(models, tokenizer={"source": "union"}), options).kind == "built"
     with pytest.raises(SigmoidDiffError, match="has no chat template"):
-        output.prepare(config([target(p["target"]), donor(p["plain"], inherit_chat=True)]), options)
+        prepare(config([target(p["target"]), donor(p["plain"], inherit_chat=True)]), options)
     with pytest.raises(SigmoidDiffError, match="drop --no-copy-tokenizer"):
-        output.prepare(config(models), MergeOptions(copy_tokenizer=False))
+        prepare(config(models), MergeOptions(copy_tokenizer=False))
 
 
 def test_apply_tokenizer_replaces_the_base_copy_and_lets_the_recipe_template_win(tokenizer_folders, tmp_path) -> None:
@@ -216,8 +221,12 @@ def test_apply_tokenizer_replaces_the_base_copy_and_lets_the_recipe_template_win
     def config(models, **extra):
         return MergeConfiguration.model_validate({"merge_method": "sigmoid_diff", "base_model": p["base"], "models": models, **extra})
 
+    def apply(config):
+        transfer = transfer_plan(config)
+        output.apply_tokenizer(output.prepare(config, MergeOptions(), transfer), config, str(out), MergeOptions(), transfer)
+
     plain = config([target(p["target"]), donor(p["plain"])])
-    output.apply_tokenizer(plain, str(out), MergeOptions(), output.prepare(plain, MergeOptions()))
+    apply(plain)
     assert not (out / "chat_template.jinja").exists()
     assert AutoTokenizer.from_pretrained(out).chat_template is None
     assert "local_files_only" not in (out / "tokenizer_config.json").read_text()
@@ -225,7 +234,7 @@ def test_apply_tokenizer_replaces_the_base_copy_and_lets_the_recipe_template_win
     chat = config([target(p["target"]), donor(p["chat"], inherit_chat=True)], tokenizer={"source": "union"}, chat_template="chatml")
     with_template.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
     with_template.save_pretrained(out)  # as mergekit saves the union tokenizer it built
-    output.apply_tokenizer(chat, str(out), MergeOptions(), output.prepare(chat, MergeOptions()))
+    apply(chat)
     result = AutoTokenizer.from_pretrained(out)
     assert result.eos_token == CHAT_TOKENS[1] and result.chat_template != CHATML_TEMPLATE
     assert "<|im_start|>" in result.chat_template  # mergekit's built-in chatml template

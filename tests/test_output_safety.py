@@ -18,8 +18,7 @@ import safetensors.torch
 
 from mergekit_sigmoid_diff import staging
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from tests.test_errors_models import assert_left_nothing, looks_finished, merge_in_process
-from tests.util import MERGEKIT_YAML, one_donor_recipe, write_recipe
+from tests.support import MERGEKIT_YAML, assert_left_nothing, looks_finished, merge_in_process, one_donor_recipe, write_recipe
 
 
 def recipe(triple) -> dict:

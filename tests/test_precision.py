@@ -9,8 +9,7 @@ import torch
 from mergekit_sigmoid_diff import kernel
 from mergekit_sigmoid_diff.tiny import build_triple
 from tests.reference import published_formula
-from tests.test_errors_models import merge_in_process
-from tests.util import load_model_tensors
+from tests.support import load_model_tensors, merge_in_process
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

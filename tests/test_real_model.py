@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from mergekit_sigmoid_diff import smollm2
 from tests.reference import published_formula
-from tests.util import load_model_tensors, run_mergekit_yaml
+from tests.support import load_model_tensors, run_mergekit_yaml
 
 _missing = [name for name in ("gguf", smollm2.MODULE) if importlib.util.find_spec(name) is None]
 pytestmark = [

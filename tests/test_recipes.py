@@ -25,17 +25,10 @@ from mergekit import merge_methods
 from mergekit.config import ConditionalParameter, MergeConfiguration, evaluate_setting
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from mergekit_sigmoid_diff import kernel, preflight, register
+from mergekit_sigmoid_diff import preflight, register
 from mergekit_sigmoid_diff.plugin import method_names
-from mergekit_sigmoid_diff.tiny import (
-    CHAT_TOKENS,
-    CHATML_TEMPLATE,
-    EXTENDED_TOKENS,
-    INST_TEMPLATE,
-    TARGET_TEMPLATE,
-    build_transfer_family,
-)
-from tests.util import MERGEKIT_YAML, load_model_tensors, run_mergekit_yaml
+from tests.reference import reference_transfer
+from tests.support import CHATML_TEMPLATE, CHAT_TOKENS, EXTENDED_TOKENS, INST_TEMPLATE, MERGEKIT_YAML, TARGET_TEMPLATE, build_transfer_family, load_model_tensors, run_mergekit_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -234,7 +227,10 @@ def _setting(value: Any) -> Any:
 
 
 def expected(base: dict, target: dict, donors: list[dict], weights: list[float], name: str) -> torch.Tensor:
-    return kernel.sigmoid_diff(base[name], target[name], [d[name] for d in donors], weights, **knobs(name))
+    """The independent float64 reference (tests/reference.py), cast like the output."""
+    vocabulary = name in ("model.embed_tokens.weight", "lm_head.weight")
+    want = reference_transfer(base[name], target[name], [d[name] for d in donors], weights, knobs(name), vocabulary)
+    return want.to(target[name].dtype)
 
 
 def filled(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

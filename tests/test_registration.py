@@ -12,7 +12,7 @@ import pytest
 
 import mergekit_sigmoid_diff
 from mergekit_sigmoid_diff import register
-from tests.util import one_donor_recipe, run_mergekit_yaml
+from tests.support import one_donor_recipe, run_mergekit_yaml
 
 REPO = Path(mergekit_sigmoid_diff.__file__).resolve().parent.parent
 PTH_LINE = (REPO / "mergekit_sigmoid_diff" / "mergekit_sigmoid_diff_hook.pth").read_text()

@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.tiny import save_state, tiny_config
 from mergekit_sigmoid_diff.varm import varm, varm_merge, variation_ratio_weights
-from tests.util import load_model_tensors, run_mergekit_yaml
+from tests.support import load_model_tensors, run_mergekit_yaml
 
 
 def reference_varm(base: np.ndarray, models: list[np.ndarray], temperature: float | None = None) -> np.ndarray:

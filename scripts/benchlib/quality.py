@@ -2,7 +2,7 @@
 mergekit, score every merge, and cache every score by a hash of what produced it.
 
 For each seed and donor: score the references (base, target, donor, ceiling), then
-each variant of :mod:`~mergekit_sigmoid_diff.benchmarks.recipes`. A sigmoid-family merge
+each variant of :mod:`~benchlib.recipes`. A sigmoid-family merge
 also records its effective λ,
 
     λ_eff = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩        (sums over all tensors)
@@ -29,9 +29,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_sigmoid_diff.benchmarks import recipes as r
-from mergekit_sigmoid_diff.benchmarks import scoring, training
-from mergekit_sigmoid_diff.benchmarks import world as w
+from benchlib import recipes as r
+from benchlib import scoring, training
+from benchlib import world as w
 
 REFERENCES = ("base", "target", "donor", "ceiling")
 

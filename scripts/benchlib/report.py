@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from mergekit_sigmoid_diff.benchmarks import scoring
+from benchlib import scoring
 
 MATCHED_PREFIX = "task_arithmetic @ λ_eff of "
 SWEEP_PREFIX = "task_arithmetic λ="

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergekit_sigmoid_diff.benchmarks import world as w
+from benchlib import world as w
 from mergekit_sigmoid_diff.tiny import save_state, tiny_config
 
 Sampler = Callable[[random.Random], list[int]]

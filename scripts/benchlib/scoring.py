@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM
 
-from mergekit_sigmoid_diff.benchmarks import world as w
+from benchlib import world as w
 
 # bump when a metric changes: cached scores carry it in their key
 VERSION = 3

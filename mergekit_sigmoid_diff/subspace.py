@@ -1,0 +1,314 @@
+"""Protect the target's drift subspace: remove it from the donor's diff (pure torch).
+
+For one 2-D weight with base B, target T and donor I (m × n, ``out = W x``):
+
+    A  = T − B                      the target's drift
+    D  = I − B                      the donor's diff
+    A  = U Σ Vᵀ                     thin SVD, σ_1 ≥ σ_2 ≥ …
+    r  = min { k : σ_1² + … + σ_k² ≥ e · ‖A‖²_F }        e = ``energy`` ∈ [0, 1]
+    U_r, V_r = the first r columns of U and V
+
+    side="input"    D' = D − (D V_r) V_rᵀ           removes the input directions the drift reads
+    side="output"   D' = D − U_r (U_rᵀ D)           removes the output directions it writes
+    side="both"     D' = (I − U_r U_rᵀ) D (I − V_r V_rᵀ)
+
+and the merge is out = T + w · D' (the projection is linear, so Σ_j w_j D_j can be
+projected once). e = 0 or A = 0 gives an empty basis (D' = D); e = 1 keeps every direction
+with a non-negligible singular value (σ > max(m, n) · eps(dtype) · σ_1), i.e. full numerical
+rank. Each call of :func:`drift_basis` returns a :class:`Basis`: the orthonormal factors the
+side needs, r, and ``covered`` = (σ_1² + … + σ_r²) / ‖A‖²_F, the share actually covered
+(≥ e). :func:`project_out_` applies the projection in place; :func:`project_out_share_`
+also returns the share of ‖D‖²_F it removed, computed from the small products
+(‖D V_r‖² etc., exact for orthonormal factors), and :func:`removed_share` computes that
+share without changing D.
+
+Finding the basis. ‖A‖²_F is known exactly (a float64 sum of squares), so the captured
+energy of any candidate subspace says whether it is large enough. Small matrices
+(min(m, n) ≤ ``EXACT_MAX_DIM``) use ``torch.linalg.svd``. Larger ones use a seeded
+randomized range finder with power iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4
+and 5.1): Ω ~ N(0, 1)^{n×l} from a ``torch.Generator`` on the tensor's device (seed
+``DEFAULT_SEED``, so reruns are byte-identical on the same device, library and thread
+count, and ``--cuda`` runs stay on the GPU), Q = orth((A Aᵀ)^q A Ω) with a QR after every
+product, then the SVD of the small l × n matrix Qᵀ A. Its singular values lower-bound
+the true ones (σ_j(QᵀA) ≤ σ_j(A)), so the rank picked from them is ≥ the exact r and the
+covered share, Σ_{j≤r} σ_j(QᵀA)², is what the returned basis really captures (exactly
+for U_r: ‖U_rᵀ A‖² ; a lower bound of ‖A V_r‖² for V_r). Adaptive rank: start with
+l = ``INITIAL_RANK`` + ``OVERSAMPLE`` columns; while the top l − ``OVERSAMPLE`` do not
+cover e · ‖A‖², grow l to max(2l, the rank the tail predicts: deficit / σ_l² more
+directions × 1.5) and sketch again; once l would reach min(m, n) / 2, a full
+``torch.linalg.svd`` is cheaper and is used instead.
+
+Accuracy, measured (``scripts/subspace_sweep.py --speed``, docs/quality/subspace-sweep.md,
+4096 × 14336 float32 drift = rank-64 signal with power-law singular values + Gaussian
+noise carrying 30 % of ‖A‖²): at e = 0.5 the randomized basis covers the target share
+with a covered-energy error < 1e-3 (absolute share, vs exact SVD) and the projected
+donor diff differs from the exact-SVD projection by ‖D'_rand − D'_exact‖_F / ‖D‖_F < 1e-2;
+the tests hold it to the float64 oracle within 1e-3 / 2e-2 on smaller matrices.
+
+Related: Task Singular Vectors (TSV-Merge, Gargiulo et al., CVPR 2025) and Iso-C/Iso-CTS
+(Marczak et al., ICML 2025) also merge through the SVD of per-layer task matrices; here the
+SVD only decides which of the donor's directions to drop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_SEED",
+    "EXACT_MAX_DIM",
+    "INITIAL_RANK",
+    "OVERSAMPLE",
+    "POWER_ITERATIONS",
+    "SIDES",
+    "Basis",
+    "Side",
+    "drift_basis",
+    "project_out_",
+    "project_out_share_",
+    "removed_share",
+]
+
+Side = Literal["input", "output", "both"]
+SIDES: tuple[str, ...] = ("input", "output", "both")
+
+DEFAULT_SEED = 20240611
+EXACT_MAX_DIM = 512  # min(m, n) at or below this: plain torch.linalg.svd
+INITIAL_RANK = 64
+OVERSAMPLE = 16
+POWER_ITERATIONS = 2
+
+
+@dataclass(frozen=True)
+class Basis:
+    """Orthonormal factors of a drift's top-r singular subspace.
+
+    ``u`` (m × r) is set for side "output"/"both", ``v`` (n × r) for "input"/"both"
+    (zero-width when r = 0). ``covered`` is the share of ‖A‖²_F the top r singular values
+    hold; ``exact`` says whether a full SVD produced it (else the randomized sketch).
+    """
+
+    u: Optional[Tensor]
+    v: Optional[Tensor]
+    rank: int
+    covered: float
+    exact: bool = True
+
+
+def _sq_norm(x: Tensor, chunk: int = 1 << 20) -> float:
+    """‖x‖²_F accumulated in float64, a chunk of rows at a time (no full float64 copy)."""
+    if x.numel() == 0:
+        return 0.0
+    flat = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+    rows = max(1, chunk // max(1, flat.shape[1]))
+    return sum(float(flat[i : i + rows].double().square().sum()) for i in range(0, flat.shape[0], rows))
+
+
+def _check_side(side: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+
+
+def _pick_rank(energies: Tensor, total: float, energy: float) -> Optional[int]:
+    """Smallest k with energies[:k].sum() ≥ energy · total (``energies``: σ² in float64,
+    descending), or None if they fall short or energy = 1 (never reached by a sketch)."""
+    if energy >= 1.0:
+        return None
+    cum = torch.cumsum(energies, 0)
+    hit = torch.nonzero(cum >= energy * total)
+    if hit.numel() == 0:
+        return None
+    return int(hit[0, 0]) + 1
+
+
+def _numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = max(shape) * torch.finfo(s.dtype).eps * float(s[0])
+    return int((s > tol).sum())
+
+
+def _empty(m: int, n: int, side: str, like: Tensor) -> Basis:
+    u = like.new_zeros((m, 0)) if side in ("output", "both") else None
+    v = like.new_zeros((n, 0)) if side in ("input", "both") else None
+    return Basis(u, v, 0, 0.0, True)
+
+
+def _make(u: Tensor, s2: Tensor, vh: Tensor, r: int, total: float, side: str, exact: bool) -> Basis:
+    covered = float(s2[:r].sum()) / total if r else 0.0
+    keep_u = side in ("output", "both")
+    keep_v = side in ("input", "both")
+    return Basis(
+        u[:, :r].contiguous() if keep_u else None,
+        vh[:r].T.contiguous() if keep_v else None,
+        r,
+        min(covered, 1.0),
+        exact,
+    )
+
+
+def _exact(a: Tensor, total: float, energy: float, side: str) -> Basis:
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    s2 = s.double() ** 2
+    if energy >= 1.0:
+        r = _numerical_rank(s, tuple(a.shape))
+    else:
+        # normalise by Σσ² so that rounding between it and the sum of squares cannot
+        # leave the target unreachable
+        r = _pick_rank(s2, float(s2.sum()), energy) or s.numel()
+    return _make(u, s2, vh, r, float(s2.sum()) if s2.numel() else total, side, True)
+
+
+def _sketch(a: Tensor, l: int, q: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized thin SVD of ``a`` (m ≤ n) restricted to an l-dimensional range estimate."""
+    omega = torch.randn(a.shape[1], l, generator=gen, device=a.device, dtype=a.dtype)
+    y = a @ omega
+    del omega
+    qm, _ = torch.linalg.qr(y)
+    for _ in range(q):
+        z, _ = torch.linalg.qr(a.T @ qm)
+        qm, _ = torch.linalg.qr(a @ z)
+        del z
+    b = qm.T @ a  # l × n
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return qm @ ub, s, vh
+
+
+def drift_basis(
+    drift: Tensor, energy: float, side: Side, *, seed: int = DEFAULT_SEED, exact: bool = False
+) -> Basis:
+    """The top-r singular subspace of ``drift`` covering ≥ ``energy`` of ‖drift‖²_F.
+
+    ``drift`` is a 2-D floating tensor (the caller upcasts bf16/fp16 to float32); the
+    factors come back in its dtype and on its device. ``exact=True`` always uses the full
+    SVD (slow at 8B size). See the module docstring.
+    """
+    _check_side(side)
+    if drift.dim() != 2:
+        raise ValueError(f"drift must be 2-D, got shape {tuple(drift.shape)}")
+    if not drift.is_floating_point() or drift.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(f"drift must be float32 or float64 (upcast first), got {drift.dtype}")
+    energy = float(energy)
+    if not 0.0 <= energy <= 1.0:  # also rejects NaN
+        raise ValueError(f"energy must be in [0, 1], got {energy}")
+    m, n = drift.shape
+    total = _sq_norm(drift)
+    if not math.isfinite(total):
+        raise ValueError("drift has non-finite values")
+    if energy == 0.0 or total == 0.0 or min(m, n) == 0:
+        return _empty(m, n, side, drift)
+
+    # work on the wide orientation (m ≤ n): the sketch and its QRs are then the smaller side
+    flip = m > n
+    a = drift.T if flip else drift
+    small = min(m, n)
+    flip_side = {"input": "output", "output": "input", "both": "both"}[side] if flip else side
+
+    def oriented(basis: Basis) -> Basis:
+        if not flip:
+            return basis
+        return Basis(basis.v, basis.u, basis.rank, basis.covered, basis.exact)
+
+    if exact or small <= EXACT_MAX_DIM or energy >= 1.0:
+        return oriented(_exact(a, total, energy, flip_side))
+
+    gen = torch.Generator(device=drift.device)
+    gen.manual_seed(seed)
+    k = INITIAL_RANK
+    while k + OVERSAMPLE < small // 2:
+        l = k + OVERSAMPLE
+        u, s, vh = _sketch(a, l, POWER_ITERATIONS, gen)
+        s2 = s.double() ** 2
+        r = _pick_rank(s2[:k], total, energy)
+        if r is not None:
+            return oriented(_make(u, s2, vh, r, total, flip_side, False))
+        # not enough: each further direction holds at most ~σ_k², so at least deficit / σ_k²
+        # more are needed (a lower bound; 1.5× it allows for the decay); at least double
+        deficit = energy * total - float(s2[:k].sum())
+        tail = float(s2[k - 1])
+        predicted = k + math.ceil(1.5 * deficit / tail) if tail > 0 else 2 * k
+        k = max(2 * k, predicted)
+        del u, s, vh
+    return oriented(_exact(a, total, energy, flip_side))
+
+
+def _factor(t: Optional[Tensor], like: Tensor, name: str) -> Tensor:
+    if t is None:
+        raise ValueError(f"basis has no {name!r} factor for this side (built for another side?)")
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def _apply(diff: Tensor, basis: Basis, side: Side, in_place: bool) -> tuple[Tensor, float]:
+    """(projected diff, removed ‖·‖² in float64)."""
+    _check_side(side)
+    if diff.dim() != 2:
+        raise ValueError(f"diff must be 2-D, got shape {tuple(diff.shape)}")
+    removed = 0.0
+    if basis.rank == 0:
+        return diff, 0.0
+    out = diff if in_place else None
+    if side in ("output", "both"):
+        u = _factor(basis.u, diff, "u")
+        if u.shape[0] != diff.shape[0]:
+            raise ValueError(f"basis u has {u.shape[0]} rows, diff has {diff.shape[0]}")
+        p = u.T @ (diff if out is None else out)  # r × n
+        removed += float(p.double().square().sum())
+        if out is None:
+            out = torch.addmm(diff, u, p, alpha=-1)
+        else:
+            out.addmm_(u, p, alpha=-1)
+        del p
+    if side in ("input", "both"):
+        v = _factor(basis.v, diff, "v")
+        if v.shape[0] != diff.shape[1]:
+            raise ValueError(f"basis v has {v.shape[0]} rows, diff has {diff.shape[1]} columns")
+        src = diff if out is None else out
+        p = src @ v  # m × r
+        removed += float(p.double().square().sum())
+        if out is None:
+            out = torch.addmm(diff, p, v.T, alpha=-1)
+        else:
+            out.addmm_(p, v.T, alpha=-1)
+        del p
+    return out, removed
+
+
+def project_out_share_(diff: Tensor, basis: Basis, side: Side) -> tuple[Tensor, float]:
+    """:func:`project_out_`, plus the share of ‖diff‖²_F it removed (0 if diff = 0)."""
+    before = _sq_norm(diff)
+    out, removed = _apply(diff, basis, side, in_place=True)
+    return out, (min(removed / before, 1.0) if before > 0 else 0.0)
+
+
+def project_out_(diff: Tensor, basis: Basis, side: Side) -> Tensor:
+    """Remove ``basis``'s subspace from ``diff`` (m × n) in place and return it.
+
+    Memory: one r × n (output side) or m × r (input side) product beyond ``diff``; the
+    update is an in-place ``addmm_``. ``diff`` should be float32/float64: the factors are
+    cast to its dtype.
+    """
+    return _apply(diff, basis, side, in_place=True)[0]
+
+
+def removed_share(diff: Tensor, basis: Basis, side: Side) -> float:
+    """The share of ‖diff‖²_F that :func:`project_out_` would remove; ``diff`` is unchanged.
+
+    Input/output side: ‖D V‖² / ‖D‖² or ‖Uᵀ D‖² / ‖D‖² (no m × n temporary). Both: one
+    m × n temporary (the output-side projection), then the input side on it.
+    """
+    _check_side(side)
+    before = _sq_norm(diff)
+    if before == 0.0 or basis.rank == 0:
+        return 0.0
+    if side == "both":
+        _, removed = _apply(diff, basis, side, in_place=False)
+    elif side == "output":
+        removed = float((_factor(basis.u, diff, "u").T @ diff).double().square().sum())
+    else:
+        removed = float((diff @ _factor(basis.v, diff, "v")).double().square().sum())
+    return min(removed / before, 1.0)
