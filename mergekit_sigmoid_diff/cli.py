@@ -2,17 +2,28 @@
 where the import hook cannot (``python -S``, ``python -I``, pipx environments).
 
     merge RECIPE OUT [mergekit-yaml options]   mergekit-yaml with the methods registered
-    demo [--workdir DIR]                       the main job on tiny models built locally
+    demo [--workdir DIR] [--quick]             the main job: a real transfer on SmolLM2-135M,
+                                               measured against task_arithmetic
+    demo --tiny [--workdir DIR]                the plumbing check on tiny random models
     inspect RECIPE [--out DIR] [--quiet]       per layer and tensor kind, how much of the donor
                                                diff a recipe applies (no merge; JSON + heatmap)
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 from typing import Sequence
 
 USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def mergekit_command(name: str = "mergekit-yaml") -> str:
+    """The path of a mergekit command (``mergekit-yaml``, ``mergekit-multi``): the one beside
+    this interpreter (the one pip installed with it), else the first on PATH."""
+    sibling = Path(sys.executable).with_name(name)
+    return str(sibling) if sibling.exists() else (shutil.which(name) or name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -27,8 +38,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_yaml.main.main(args=args, prog_name="mergekit-sigmoid-diff merge")
     elif command == "demo":
         from mergekit_sigmoid_diff import demo
+        from mergekit_sigmoid_diff.errors import reported
 
-        demo.main(args)
+        with reported():
+            demo.main(args)
     elif command == "inspect":
         from mergekit_sigmoid_diff import inspection
 

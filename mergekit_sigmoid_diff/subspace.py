@@ -46,7 +46,7 @@ donor diff differs from the exact-SVD projection by ‖D'_rand − D'_exact‖_F
 the tests hold it to the float64 oracle within 1e-3 / 2e-2 on smaller matrices.
 
 Related: Task Singular Vectors (TSV-Merge, Gargiulo et al., CVPR 2025) and Iso-C/Iso-CTS
-(Marczak et al., ICML 2025) also merge through the SVD of per-layer task matrices; here the
+(Marczak et al. 2025, arXiv:2502.04959) also merge through the SVD of per-layer task matrices; here the
 SVD only decides which of the donor's directions to drop.
 """
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from mergekit_sigmoid_diff.tiny import build_triple, perturbed, save_state, tiny_config, tiny_tokenizer
+from mergekit_sigmoid_diff.cli import mergekit_command
 
-MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
+MERGEKIT_YAML = mergekit_command("mergekit-yaml")
 
 
 def one_donor_recipe(paths: dict[str, Any], **top: Any) -> dict[str, Any]:
@@ -203,3 +203,22 @@ def build_transfer_family(root: Path, *, seed: int = 0) -> dict[str, Path]:
     tied = build_triple(root / "tied", seed=seed + 7, config=tiny_config(vocab_size=vocab, tie_word_embeddings=True))
     paths["tied_base"], paths["tied_target"], paths["tied_donor"] = tied["base"], tied["target"], tied["donors"][0]
     return paths
+
+
+# --- models without tokenizer files (training checkpoints often have none) ---------------
+
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def strip_tokenizer(folder: Path) -> Path:
+    """Delete a model folder's tokenizer files; weights, config.json and generation_config stay."""
+    for name in TOKENIZER_FILE_NAMES:
+        (Path(folder) / name).unlink(missing_ok=True)
+    return Path(folder)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (Path(folder) / "tokenizer_config.json").is_file()
+
+
+MERGEKIT_MULTI = mergekit_command("mergekit-multi")

@@ -1,7 +1,7 @@
 """The quality benchmark's quick mode, end to end: train, merge with mergekit, score, report.
 
 One session fixture runs ``scripts/benchmark_quality.py --quick`` (1 seed, chat donor,
-4 methods + 2 task_arithmetic twins) into a tmp dir; the tests inspect what it wrote.
+5 methods + 2 task_arithmetic twins) into a tmp dir; the tests inspect what it wrote.
 """
 
 from __future__ import annotations
@@ -85,7 +85,11 @@ def test_report_files_hold_every_method(quick_run):
         assert label in table
     assert (root / "out" / "quality.png").read_bytes()[:4] == b"\x89PNG"
     comparisons = data["summary"]["chat"]["comparisons"]
-    assert {c["method"] for c in comparisons} == {"sigmoid_diff (defaults)", "sigmoid_diff exempt vocab+norms"}
+    projected = "sigmoid_diff protect input e=0.5 w=1.2"
+    assert {c["method"] for c in comparisons} == {"sigmoid_diff (defaults)", projected}
+    # each sigmoid-family merge is paired with: its λ_eff twin, the best λ, the best LiNeS, ties
+    against = {c["against"] for c in comparisons if c["method"] == projected}
+    assert against == {report.MATCHED_PREFIX + projected, "task_arithmetic λ=1", "LiNeS λ=0.5→1", "ties"}
 
 
 def test_rerun_is_served_from_the_cache(quick_run):

@@ -28,12 +28,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from mergekit_sigmoid_diff import preflight, register
 from mergekit_sigmoid_diff.plugin import method_names
 from tests.reference import reference_transfer
-from tests.support import CHATML_TEMPLATE, CHAT_TOKENS, EXTENDED_TOKENS, INST_TEMPLATE, MERGEKIT_YAML, TARGET_TEMPLATE, build_transfer_family, load_model_tensors, run_mergekit_yaml
+from tests.support import CHATML_TEMPLATE, CHAT_TOKENS, EXTENDED_TOKENS, INST_TEMPLATE, MERGEKIT_MULTI, TARGET_TEMPLATE, build_transfer_family, load_model_tensors, run_mergekit_yaml
 
 pytestmark = pytest.mark.slow
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-MERGEKIT_MULTI = str(Path(MERGEKIT_YAML).with_name("mergekit-multi"))
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # The formula computed here and inside mergekit-yaml may differ in the last bit: vectorised
 # sigmoid/exp round differently in the SIMD body and the scalar tail, and where the tail falls

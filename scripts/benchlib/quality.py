@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +31,8 @@ from safetensors.torch import load_file
 from benchlib import recipes as r
 from benchlib import scoring, training
 from benchlib import world as w
+from mergekit_sigmoid_diff.cli import mergekit_command
+from mergekit_sigmoid_diff.measure import effective_lambda
 
 REFERENCES = ("base", "target", "donor", "ceiling")
 
@@ -43,23 +44,12 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def effective_lambda(out: Path, target: Path, donor: Path, base: Path) -> float:
-    """⟨out − T, I − B⟩ / ⟨I − B, I − B⟩ over every tensor the four folders share."""
-    o, t, i, b = (_tensors(p) for p in (out, target, donor, base))
-    num = den = 0.0
-    for name in o.keys() & t.keys() & i.keys() & b.keys():
-        diff = i[name].double() - b[name].double()
-        num += ((o[name].double() - t[name].double()) * diff).sum().item()
-        den += (diff * diff).sum().item()
-    return num / den if den else float("nan")
-
-
 def run_merge(recipe: dict[str, Any], out: Path, seed: int, backend: str = "inprocess") -> None:
     """Merge ``recipe`` into ``out`` with mergekit (``--random-seed seed``)."""
     if backend == "subprocess":
         recipe_path = out.with_suffix(".yml")
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        exe = str(Path(sys.executable).with_name("mergekit-yaml"))
+        exe = mergekit_command("mergekit-yaml")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         done = subprocess.run(
             [exe, str(recipe_path), str(out), "--random-seed", str(seed), "--no-write-model-card", "--quiet"],

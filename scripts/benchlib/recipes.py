@@ -23,7 +23,19 @@ EXEMPT_VOCAB_AND_NORMS = [
     {"filter": "norm", "value": False},
     {"value": True},
 ]
-TA_LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5)
+TA_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.1, 1.25, 1.5)
+# LiNeS (Wang et al., ICLR 2025): the donor weight grows linearly with depth, first → last layer
+LINES_GRADIENTS = ((0.5, 1.0), (0.75, 1.25), (0.9, 1.3), (1.0, 1.5))
+# protect_subspace variants: (side, energy, weight); the embeddings, lm_head and norms take
+# the plain diff (the `gate` exemption), every other 2-D weight is projected
+SUBSPACE_GRID = (
+    ("input", 0.5, 1.2),
+    ("input", 0.5, 1.4),
+    ("input", 0.25, 1.2),
+    ("input", 0.75, 1.4),
+    ("output", 0.5, 1.2),
+    ("both", 0.5, 1.2),
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,22 @@ def sigmoid(label: str, weight: float = 1.0, **params: Any) -> Variant:
     return Variant(label, "sigmoid_diff", params, {"role": "target"}, {"weight": weight}, matched=True)
 
 
+def protected(side: str, energy: float, weight: float) -> Variant:
+    return sigmoid(
+        f"sigmoid_diff protect {side} e={energy:g} w={weight:g}",
+        weight=weight,
+        gate=EXEMPT_VOCAB_AND_NORMS,
+        protect_subspace=side,
+        protect_energy=energy,
+    )
+
+
+def lines(first: float, last: float) -> Variant:
+    return Variant(
+        f"LiNeS λ={first:g}→{last:g}", "task_arithmetic", {"normalize": False}, {"weight": 1.0}, {"weight": [first, last]}
+    )
+
+
 def _registered() -> dict[str, Any]:
     from mergekit_sigmoid_diff import register
 
@@ -85,29 +113,20 @@ def available_variants(quick: bool = False) -> tuple[list[Variant], list[str]]:
     if quick:
         return [
             sigmoid("sigmoid_diff (defaults)"),
-            sigmoid("sigmoid_diff exempt vocab+norms", gate=gate),
+            protected("input", 0.5, 1.2),
             task_arithmetic(1.0),
+            lines(0.5, 1.0),
             Variant("ties", "ties", {"normalize": False}, {"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 0.5}),
         ], notes
 
+    # The element-wise variants measured before (steepness, midpoint, normalize, weight 1.5)
+    # are in git history and docs/quality; these are the published default, the element-wise
+    # recommendation and the subspace grid.
     variants = [
         sigmoid("sigmoid_diff (defaults)"),
-        sigmoid("sigmoid_diff k=6", steepness=6.0),
-        sigmoid("sigmoid_diff k=24", steepness=24.0),
-        sigmoid("sigmoid_diff m=0.3", midpoint=0.3),
-        sigmoid("sigmoid_diff m=0.7", midpoint=0.7),
-        sigmoid("sigmoid_diff w=1.5", weight=1.5),
-        sigmoid("sigmoid_diff exempt vocab+norms", gate=gate),
-        sigmoid("sigmoid_diff exempt, w=1.5", weight=1.5, gate=gate),
         sigmoid("sigmoid_diff exempt, midpoint by layer 0.3→0.7", gate=gate, midpoint=[0.3, 0.7]),
+        *(protected(*point) for point in SUBSPACE_GRID),
     ]
-    sd_params = {p.name: p for p in methods["sigmoid_diff"].spec.parameters}
-    if "normalize" in sd_params:
-        for mode in ("quantile", "rank"):
-            variants.append(sigmoid(f"sigmoid_diff normalize={mode}", normalize=mode))
-            variants.append(sigmoid(f"sigmoid_diff normalize={mode}, exempt", normalize=mode, gate=gate))
-    else:
-        notes.append("sigmoid_diff has no `normalize` parameter in this install: quantile/rank variants not run")
     if "varm" in methods:
         varm_params = {p.name for p in methods["varm"].spec.parameters}
         target_params = {"role": "target"} if "role" in varm_params else {}
@@ -116,6 +135,7 @@ def available_variants(quick: bool = False) -> tuple[list[Variant], list[str]]:
         notes.append("no `varm` merge method registered in this install: not run")
 
     variants += [task_arithmetic(lam) for lam in TA_LAMBDAS]
+    variants += [lines(*gradient) for gradient in LINES_GRADIENTS]
     variants += [
         Variant("ties d=0.5", "ties", {"normalize": False}, {"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 0.5}),
         Variant("dare_linear d=0.5", "dare_linear", {}, {"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 0.5}),

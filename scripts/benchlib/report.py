@@ -18,6 +18,9 @@ from benchlib import scoring
 
 MATCHED_PREFIX = "task_arithmetic @ λ_eff of "
 SWEEP_PREFIX = "task_arithmetic λ="
+LINES_PREFIX = "LiNeS "  # task_arithmetic with a layer gradient on the donor weight
+# the other baselines every sigmoid-family merge is compared with, by label prefix
+BASELINE_PREFIXES = ("ties", "dare_linear", "della", "breadcrumbs")
 LOWER_IS_BETTER = scoring.LOWER_IS_BETTER
 
 
@@ -43,14 +46,19 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if "lambda_eff" in group[0]:
                 metrics["lambda_eff"] = _stat([g["lambda_eff"] for g in group])
             stats[label] = {"kind": group[0]["kind"], "method": group[0].get("method", label), "metrics": metrics}
-        sweep = [label for label in stats if label.startswith(SWEEP_PREFIX)]
         sign = -1.0 if combined in LOWER_IS_BETTER else 1.0
-        best = max(sweep, key=lambda label: sign * stats[label]["metrics"][combined]["mean"]) if sweep else None
+
+        def best_of(prefix: str):
+            group = [label for label in stats if label.startswith(prefix)]
+            return max(group, key=lambda label: sign * stats[label]["metrics"][combined]["mean"]) if group else None
+
+        best = best_of(SWEEP_PREFIX)
+        baselines = [best_of(LINES_PREFIX)] + [next((l for l in stats if l.startswith(p)), None) for p in BASELINE_PREFIXES]
         comparisons = []
         for label, entry in stats.items():
             if entry["kind"] != "merge" or not (MATCHED_PREFIX + label) in labels:
                 continue
-            for against in (MATCHED_PREFIX + label, best):
+            for against in (MATCHED_PREFIX + label, best, *baselines):
                 if against is None:
                     continue
                 comparisons.append(_paired(labels[label], labels[against], label, against, feature, combined))
@@ -59,6 +67,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "knowledge": scoring.KNOWLEDGE,
             "combined": combined,
             "best_task_arithmetic": best,
+            "best_lines": best_of(LINES_PREFIX),
             "stats": stats,
             "comparisons": comparisons,
         }
@@ -111,7 +120,7 @@ def markdown(summary: dict[str, Any], title: str = "Quality benchmark") -> str:
             name = f"*{label}*" if e["kind"] == "reference" else label
             cells = [name, lam, _fmt(m[f]), _fmt(m[k]), _fmt(m[c]), *(_fmt(m[x]) for x in extra), _fmt(m["base_nll"])]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"Best task_arithmetic λ by `{c}`: **{s['best_task_arithmetic']}**", ""]
+        lines += ["", f"Best task_arithmetic λ by `{c}`: **{s['best_task_arithmetic']}**; best LiNeS: **{s.get('best_lines')}**", ""]
         if s["comparisons"]:
             lines += [
                 "Paired by seed (Δ = method − comparator; dominates = ≥ on both axes, > on one):",

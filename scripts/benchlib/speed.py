@@ -17,7 +17,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +24,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import yaml
+from mergekit_sigmoid_diff.cli import mergekit_command
 
-MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
+MERGEKIT_YAML = mergekit_command("mergekit-yaml")
 SHARD_BYTES = 1 << 29  # 512 MiB per safetensors shard while building
 TASK_ARITHMETIC = "task_arithmetic"
 
