@@ -2,7 +2,8 @@
 """sigmoid_diff vs task_arithmetic: wall time, peak RSS and CPU time of real merges.
 
 Builds (once, cached) a synthetic bf16 Llama triple, runs ``mergekit-yaml`` for
-``task_arithmetic`` and each ``sigmoid_diff`` normalisation on the same models with the same
+``task_arithmetic`` and for each recipe's recommended ``sigmoid_diff`` setting (the top-level
+parameters of ``recipes/*.yml``) plus the published default, on the same models with the same
 ``dtype``/``out_dtype`` and thread count, alternating, and prints the median per-pair ratios;
 then a per-tensor kernel micro-benchmark on the largest tensors.
 
@@ -31,11 +32,22 @@ from benchlib.speed import (
     machine_load,
 )
 
-VARIANTS = {
-    "sigmoid_diff": {},
-    "sigmoid_diff quantile 0.99": {"normalize": "quantile", "quantile": 0.99},
-    "sigmoid_diff rank": {"normalize": "rank"},
-}
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_variants() -> dict[str, dict]:
+    """label -> sigmoid_diff top-level parameters: the published default and every recipe's."""
+    import yaml
+
+    variants = {"sigmoid_diff (published default)": {}}
+    for path in sorted(RECIPES.glob("*.yml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("merge_method") == "sigmoid_diff":
+                variants.setdefault(f"recipes/{path.name}", doc.get("parameters") or {})
+    return variants
+
+
+VARIANTS = recipe_variants()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=3, help="alternating rounds of all methods (>= 3 for the goal)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every run (mergekit --num-threads)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--drift", choices=("heavy-tailed", "low-rank"), default="low-rank",
+                        help="the target's synthetic drift: full-rank Student-t noise, or a decaying spectrum")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mergekit-sigmoid-diff" / "speed")
     parser.add_argument("--workdir", type=Path, default=None, help="merge outputs (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=5, help="kernel micro-benchmark repeats")
@@ -65,12 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         heads=args.heads, kv_heads=args.kv_heads,
     )
     shapes = [shape] + ([replace(shape, layers=args.scale_layers)] if args.scale_layers else [])
-    report: dict = {"threads": args.threads, "pairs": args.pairs, "runs": {}, "kernel": {}}
+    report: dict = {"threads": args.threads, "pairs": args.pairs, "drift": args.drift, "runs": {}, "kernel": {}}
     with tempfile.TemporaryDirectory(prefix="sd-speed-", dir=args.workdir) as workdir:
         for current in shapes:
-            print(f"== {current.key}: {current.parameters() / 1e9:.3f}B parameters, bf16", flush=True)
+            print(f"== {current.key}: {current.parameters() / 1e9:.3f}B parameters, bf16, {args.drift} drift", flush=True)
             started = time.perf_counter()
-            triple = build_synthetic_triple(args.cache, current)
+            triple = build_synthetic_triple(args.cache, current, drift=args.drift)
             print(f"   triple ready in {time.perf_counter() - started:.0f} s under {triple['base'].parent}", flush=True)
             if not args.skip_merges:
                 print(f"   merges ({machine_load()} at start)", flush=True)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from mergekit_sigmoid_diff import cli, inspection, kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.tiny import save_state, tiny_config
+from tests.reference import projected_diff
 from tests.support import load_model_tensors
 
 
@@ -250,3 +251,38 @@ def test_the_recipes_normalize_option_reaches_the_kernel(triple2, tmp_path):
     minmax = kernel.applied_fraction_(drift()).mean().item()
     assert r.applied_fraction == pytest.approx(ranked, rel=1e-6)
     assert abs(ranked - minmax) > 1e-3  # the option changes the answer, so the check means something
+
+
+def test_inspect_reports_the_share_the_projection_removes(triple2, tmp_path):
+    recipe = tmp_path / "protect.yml"
+    gate = [{"filter": "embed_tokens", "value": False}, {"filter": "lm_head", "value": False},
+            {"filter": "norm", "value": False}, {"value": True}]
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "sigmoid_diff",
+                "base_model": str(triple2["base"]),
+                "models": [
+                    {"model": str(triple2["target"]), "parameters": {"role": "target"}},
+                    {"model": str(triple2["donors"][0]), "parameters": {"weight": 1.2}},
+                ],
+                "parameters": {"protect_subspace": "input", "protect_energy": 0.5, "gate": gate},
+            }
+        )
+    )
+    summary = inspection.run(recipe, tmp_path / "report", quiet=True)
+    reports = json.loads((tmp_path / "report" / "inspect.json").read_text())["tensors"]
+    projected = [r for r in reports if r["mode"] == "subspace"]
+    assert {r["kind"] for r in projected} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert {r["mode"] for r in reports if r["kind"] in ("embed", "lm_head", "input_norm", "final_norm")} == {"plain"}
+    for r in projected:
+        name = r["name"]
+        b, t, i = (read_tensor(triple2[k] if k != "donor" else triple2["donors"][0], name) for k in ("base", "target", "donor"))
+        diff = 1.2 * (i.double() - b.double())
+        kept = projected_diff(b, t, diff, "input", 0.5).square().sum().item() / diff.square().sum().item()
+        assert r["removed_share"] == pytest.approx(1.0 - kept, abs=1e-5), name
+        assert r["weighted_fraction"] == pytest.approx(kept, abs=1e-5), name
+        assert 0.0 < r["removed_share"] < 1.0 and r["protected_rank"] >= 1
+    grid = summary["removed_share_grid"]
+    assert grid is not None and all(v is None or 0.0 < v < 1.0 for row in grid for v in row)
+    assert summary["by_kind"]["embed"]["removed_share"] is None

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from tests.reference import published_formula
+from tests.reference import published_formula, reference_transfer
 from tests.support import load_model_tensors, one_donor_recipe, run_mergekit_yaml
 
 pytestmark = pytest.mark.slow
@@ -93,3 +93,59 @@ def test_bf16_compute_dtype_and_out_dtype_are_honoured(triple, tmp_path):
         assert torch.equal(merged, expected.bfloat16()) or (
             (merged.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-30
         ).all(), name
+
+
+SUBSPACE_GATE = [
+    {"filter": "embed_tokens", "value": False},
+    {"filter": "lm_head", "value": False},
+    {"filter": "norm", "value": False},
+    {"value": True},
+]
+
+
+@pytest.mark.parametrize("side", ["input", "output", "both"])
+def test_protect_subspace_matches_a_float64_svd(triple2, tmp_path, side):
+    """Two donors (weights by layer), a protect_energy gradient; vocabulary and norms exempt."""
+    recipe = {
+        "merge_method": "sigmoid_diff",
+        "base_model": str(triple2["base"]),
+        "models": [
+            {"model": str(triple2["target"]), "parameters": {"role": "target"}},
+            {"model": str(triple2["donors"][0]), "parameters": {"weight": [1.0, 1.4]}},
+            {"model": str(triple2["donors"][1]), "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"protect_subspace": side, "protect_energy": [0.3, 0.7], "gate": SUBSPACE_GATE},
+        "dtype": "float32",
+    }
+    result = run_mergekit_yaml(recipe, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, base, target = (load_model_tensors(p) for p in (tmp_path / "out", triple2["base"], triple2["target"]))
+    donors = [load_model_tensors(d) for d in triple2["donors"]]
+    projected = 0
+    for name, merged in out.items():
+        t = layer_t(name)
+        exempt = any(key in name for key in ("embed_tokens", "lm_head", "norm"))
+        knobs = {"gate": not exempt, "protect_subspace": side, "protect_energy": 0.3 + 0.4 * t}
+        weights = [1.0 + 0.4 * t, 0.5]
+        want = reference_transfer(base[name], target[name], [d[name] for d in donors], weights, knobs)
+        assert (merged.double() - want).abs().max().item() <= 2e-6, name
+        if not exempt and merged.dim() == 2:
+            plain = target[name].double() + sum(w * (d[name].double() - base[name].double()) for d, w in zip(donors, weights))
+            projected += (merged.double() - plain).abs().max().item() > 1e-4  # the projection did act
+    assert projected >= 10
+
+
+def test_protect_subspace_in_bf16(triple, tmp_path):
+    recipe = one_donor_recipe(
+        triple, dtype="bfloat16", out_dtype="bfloat16",
+        parameters={"protect_subspace": "input", "protect_energy": 0.5, "gate": SUBSPACE_GATE},
+    )
+    result = run_mergekit_yaml(recipe, tmp_path / "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = load_model_tensors(tmp_path / "bf16")
+    base, target, donor = (load_model_tensors(p) for p in (triple["base"], triple["target"], triple["donors"][0]))
+    name = "model.layers.1.mlp.down_proj.weight"
+    knobs = {"protect_subspace": "input", "protect_energy": 0.5}
+    want = reference_transfer(*(m[name].bfloat16() for m in (base, target)), [donor[name].bfloat16()], [1.0], knobs)
+    assert out[name].dtype == torch.bfloat16
+    assert ((out[name].double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()

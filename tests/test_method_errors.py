@@ -58,6 +58,11 @@ CASES = {
         r"weight applies to donors; model /models/target in models is the target",
     ),
     "missing base_model": (recipe(base_model=None), r"needs base_model"),
+    "unknown protect_subspace": (
+        recipe(parameters={"protect_subspace": "sideways"}),
+        r"parameter protect_subspace='sideways' in the top-level parameters: .*'none', 'input', 'output' or 'both'",
+    ),
+    "protect_energy above 1": (recipe(parameters={"protect_energy": [0.5, 1.2]}), r"parameter protect_energy=1.2 .*less than or equal to 1"),
     "role on the base": (
         {**recipe(), "models": recipe()["models"] + [{"model": "/models/base", "parameters": {"role": "donor"}}]},
         r"base_model /models/base is the common ancestor and takes no role",

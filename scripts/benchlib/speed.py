@@ -89,23 +89,42 @@ class LlamaShape:
         )
 
 
-def _synthetic_weights(name: str, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, ...]:
-    """(B, T, I) in bf16: B ~ N(0, 0.02²) (norms 1 + that), T = B + (0.002 / 3)·t₂ with t₂
-    Student-t with 2 d.o.f. (median |drift| ≈ 0.0005, a few elements far larger),
-    I = B + N(0, 0.001²)."""
+DRIFTS = ("heavy-tailed", "low-rank")
+
+
+def _low_rank_drift(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """G₁ diag(s) G₂ᵀ with Gaussian factors and s_i² = 1 / (i + 1): half of the energy lies in
+    about the top √min(m, n) directions, as in a fine-tune's update (a decaying spectrum),
+    scaled to an RMS of 0.001."""
+    m, n = shape
+    k = min(m, n)
+    scale = torch.arange(1, k + 1, dtype=torch.float32).rsqrt_()
+    left = torch.randn(m, k, generator=generator).mul_(scale)
+    drift = left @ torch.randn(k, n, generator=generator)
+    return drift.mul_(0.001 / drift.square().mean().sqrt())
+
+
+def _synthetic_weights(name: str, shape: tuple[int, ...], seed: int, drift_kind: str = "heavy-tailed") -> tuple[torch.Tensor, ...]:
+    """(B, T, I) in bf16: B ~ N(0, 0.02²) (norms 1 + that), I = B + N(0, 0.001²), and
+    T = B + (0.002 / 3)·t₂ with t₂ Student-t with 2 d.o.f. (``heavy-tailed``: median
+    |drift| ≈ 0.0005, a few elements far larger; full rank, the hardest case for a truncated
+    SVD), or for 2-D weights a decaying spectrum (``low-rank``, :func:`_low_rank_drift`)."""
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator).mul_(0.02)
     if name.endswith("norm.weight"):
         base.add_(1.0)
-    drift = torch.randn(shape, generator=generator)
-    drift.div_(torch.rand(shape, generator=generator).clamp_min_(1e-12).log_().neg_().sqrt_()).mul_(0.002 / 3)
+    if drift_kind == "low-rank" and len(shape) == 2:
+        drift = _low_rank_drift(shape, generator)
+    else:
+        drift = torch.randn(shape, generator=generator)
+        drift.div_(torch.rand(shape, generator=generator).clamp_min_(1e-12).log_().neg_().sqrt_()).mul_(0.002 / 3)
     target = (base + drift).bfloat16()
     del drift
     donor = torch.randn(shape, generator=generator).mul_(0.001).add_(base).bfloat16()
     return base.bfloat16(), target, donor
 
 
-def build_synthetic_triple(cache: Path, shape: LlamaShape, seed: int = 0) -> dict[str, Path]:
+def build_synthetic_triple(cache: Path, shape: LlamaShape, seed: int = 0, drift: str = "heavy-tailed") -> dict[str, Path]:
     """Base, target and donor folders under ``cache/<shape key>`` (built once, then reused).
 
     A folder counts as built only once its ``COMPLETE`` marker exists, so an interrupted
@@ -115,7 +134,8 @@ def build_synthetic_triple(cache: Path, shape: LlamaShape, seed: int = 0) -> dic
 
     from mergekit_sigmoid_diff.tiny import tiny_tokenizer
 
-    root = Path(cache).absolute() / f"{shape.key}-seed{seed}"
+    suffix = "" if drift == "heavy-tailed" else f"-{drift}"  # the heavy-tailed triples keep their old cache name
+    root = Path(cache).absolute() / f"{shape.key}-seed{seed}{suffix}"
     paths = {role: root / role for role in ("base", "target", "donor")}
     if (root / "COMPLETE").exists():
         return paths
@@ -140,7 +160,7 @@ def build_synthetic_triple(cache: Path, shape: LlamaShape, seed: int = 0) -> dic
         counter["bytes"] = 0
 
     for index, (name, tensor_shape) in enumerate(shape.tensor_shapes().items()):
-        for role, tensor in zip(paths, _synthetic_weights(name, tensor_shape, seed * 100_003 + index)):
+        for role, tensor in zip(paths, _synthetic_weights(name, tensor_shape, seed * 100_003 + index, drift)):
             shards[role][name] = tensor
         size = 2 * int(torch.Size(tensor_shape).numel())
         counter["bytes"] += size
