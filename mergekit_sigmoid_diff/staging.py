@@ -102,7 +102,7 @@ def staged_output(out_path: str | os.PathLike) -> Iterator[Path]:
         raise SigmoidDiffError(
             f"writing the merged model for {out} failed: {os.strerror(code)} "
             f"(errno {code}, {errno.errorcode.get(code, '?')}); removed the incomplete output, "
-            "nothing was written to OUT"
+            f"nothing was written to {out}"
         ) from None
     _publish(stage, out)
 

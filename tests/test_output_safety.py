@@ -209,7 +209,7 @@ def test_cli_file_size_limit_is_a_clean_write_error(triple, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert errors == [
         f"Error: writing the merged model for {out} failed: File too large (errno 27, EFBIG); "
-        "removed the incomplete output, nothing was written to OUT"
+        f"removed the incomplete output, nothing was written to {out}"
     ], result.stderr[-2000:]
     assert_left_nothing(out)
 
