@@ -28,13 +28,13 @@ TA_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.1, 1.25, 1.5)
 LINES_GRADIENTS = ((0.5, 1.0), (0.75, 1.25), (0.9, 1.3), (1.0, 1.5))
 # protect_subspace variants: (side, energy, weight); the embeddings, lm_head and norms take
 # the plain diff (the `gate` exemption), every other 2-D weight is projected
-SUBSPACE_GRID = (
+SUBSPACE_GRID = (  # the prototype's form, and the forms closest to a win in the in-process sweep
     ("input", 0.5, 1.2),
-    ("input", 0.5, 1.4),
-    ("input", 0.25, 1.2),
-    ("input", 0.75, 1.4),
-    ("output", 0.5, 1.2),
-    ("both", 0.5, 1.2),
+    ("input", 0.5, 1.0),
+    ("input", 0.25, 0.75),
+    ("output", 0.75, 0.75),
+    ("output", 0.25, 0.75),
+    ("both", 0.5, 1.0),
 )
 
 
