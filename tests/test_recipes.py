@@ -190,31 +190,41 @@ def loads_and_generates(out: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+GATE_KEYS = ("steepness", "midpoint", "eps", "gate", "normalize", "quantile", "protect_subspace", "protect_energy")
+
+
 def shared_settings(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in (doc.get("parameters") or {}).items() if k in ("steepness", "midpoint", "eps", "gate")}
+    return {k: v for k, v in (doc.get("parameters") or {}).items() if k in GATE_KEYS}
 
 
-# Every recipe carries the same recommended gate settings (test below); the twins' expected
-# values resolve them per tensor as mergekit does: gradients over the 2 layers, filters.
+# The measured recommendation per job (docs/quality/README.md): the element-wise gate with
+# vocabulary and norms exempt and a midpoint gradient for chat, domain and layer-aware
+# transfers; no gate (task arithmetic at the donor's weight, 0.5) for context extension.
+# The twins' expected values resolve them per tensor as mergekit does: gradients over the
+# 2 layers, filters.
 RECOMMENDED = shared_settings(recipe_documents(RECIPES / "chat-vector.yml")[0])
+CONTEXT = shared_settings(recipe_documents(RECIPES / "context-extension.yml")[0])
 
 
-def test_every_recipe_carries_the_recommended_gate_settings() -> None:
+def test_every_recipe_carries_its_jobs_measured_settings() -> None:
     assert RECOMMENDED["midpoint"] == [0.3, 0.7]
     assert {"filter": "lm_head", "value": False} in RECOMMENDED["gate"]
+    assert CONTEXT == {"gate": False}
+    assert recipe_documents(RECIPES / "context-extension.yml")[0]["models"][1]["parameters"]["weight"] == 0.5
     for path in sorted(RECIPES.glob("*.yml")):
         for doc in recipe_documents(path):
             if doc["merge_method"] == "sigmoid_diff":
-                assert shared_settings(doc) == RECOMMENDED, path.name
+                want = CONTEXT if path.name == "context-extension.yml" else RECOMMENDED
+                assert shared_settings(doc) == want, path.name
 
 
-def knobs(name: str, layers: int = 2) -> dict[str, Any]:
+def knobs(name: str, settings: dict[str, Any], layers: int = 2) -> dict[str, Any]:
     specs = {p.name: p for p in merge_methods.get("sigmoid_diff").spec.parameters}
     match = re.search(r"\.layers\.(\d+)\.", name)
     t = int(match.group(1)) / (layers - 1) if match else 0.0
     return {
         key: evaluate_setting(name, _setting(value), t, validate=specs[key].validate)
-        for key, value in RECOMMENDED.items()
+        for key, value in settings.items()
     }
 
 
@@ -225,10 +235,14 @@ def _setting(value: Any) -> Any:
     return value
 
 
-def expected(base: dict, target: dict, donors: list[dict], weights: list[float], name: str) -> torch.Tensor:
+def expected(
+    base: dict, target: dict, donors: list[dict], weights: list[float], name: str, settings: dict[str, Any] = RECOMMENDED
+) -> torch.Tensor:
     """The independent float64 reference (tests/reference.py), cast like the output."""
     vocabulary = name in ("model.embed_tokens.weight", "lm_head.weight")
-    want = reference_transfer(base[name], target[name], [d[name] for d in donors], weights, knobs(name), vocabulary)
+    want = reference_transfer(
+        base[name], target[name], [d[name] for d in donors], weights, knobs(name, settings), vocabulary
+    )
     return want.to(target[name].dtype)
 
 
@@ -267,7 +281,7 @@ def test_context_extension_takes_the_donors_rope_and_keeps_the_target(twin, fami
     B, T, I, got = (tensors(p) for p in (family["base"], family["target"], family["rope_donor"], out))
     assert got.keys() == T.keys()
     for name in T:
-        torch.testing.assert_close(got[name], expected(B, T, [I], [1.0], name), **SAME)
+        torch.testing.assert_close(got[name], expected(B, T, [I], [0.5], name, CONTEXT), **SAME)
 
 
 # chat vector: donor with a chat template, an end-of-turn eos and two added special tokens
