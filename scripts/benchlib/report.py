@@ -105,8 +105,47 @@ def _fmt(metric: dict[str, float], digits: int = 3) -> str:
     return f"{metric['mean']:.{digits}f} ± {metric['std']:.{digits}f}"
 
 
+def _comparator(against: str) -> str:
+    """The kind of comparator a comparison is against (its label without the donor's λ)."""
+    if against.startswith(MATCHED_PREFIX):
+        return "same λ_eff"
+    if against.startswith(SWEEP_PREFIX):
+        return "best λ"
+    if against.startswith(LINES_PREFIX):
+        return "best LiNeS"
+    return against.split(" ")[0]
+
+
+def totals(summary: dict[str, Any]) -> dict[str, dict[str, list[int]]]:
+    """method → comparator kind → [dominates, dominated], summed over donors and seeds."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for s in summary.values():
+        for cmp in s["comparisons"]:
+            cell = out.setdefault(cmp["method"], {}).setdefault(_comparator(cmp["against"]), [0, 0])
+            cell[0] += cmp["dominates"]
+            cell[1] += cmp["dominated"]
+    return out
+
+
+def totals_markdown(summary: dict[str, Any]) -> list[str]:
+    table = totals(summary)
+    if not table:
+        return []
+    kinds = list(next(iter(table.values())))
+    pairs = sum(max(c["seeds"] for c in s["comparisons"]) for s in summary.values() if s["comparisons"])
+    lines = [
+        f"## All donors: better on both axes / worse on both, out of {pairs} seed × donor pairs",
+        "",
+        "| method | " + " | ".join(f"vs {k}" for k in kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for method, cells in table.items():
+        lines.append(f"| {method} | " + " | ".join(f"{cells[k][0]} / {cells[k][1]}" if k in cells else "—" for k in kinds) + " |")
+    return lines + [""]
+
+
 def markdown(summary: dict[str, Any], title: str = "Quality benchmark") -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {title}", ""] + totals_markdown(summary)
     for donor, s in summary.items():
         f, k, c = s["feature"], s["knowledge"], s["combined"]
         extra = ["chat_acc"] if donor == "chat" else []
