@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-merges", action="store_true")
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
+    parser.add_argument("--subspace-tensor", action="store_true",
+                        help="also time protect_subspace's basis and projection on one 4096 x 14336 drift (8B MLP shape)")
     args = parser.parse_args(argv)
 
     variants = {label: VARIANTS[label] for label in args.variants.split(",") if label}
@@ -109,6 +111,13 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"     {label:28s} wall {row['ms_wall'][label]:8.1f} ms ({row['ms_wall'][label] / ta_wall:5.2f}x)"
                               f"  cpu {row['ms_cpu'][label]:8.1f} ms ({row['ms_cpu'][label] / ta_cpu:5.2f}x)")
                 report["kernel"][current.key] = rows
+    if args.subspace_tensor:
+        # the same measurement as scripts/subspace_sweep.py --speed, at this run's thread count
+        from subspace_sweep import speed as subspace_speed, speed_markdown
+
+        print(f"   protect_subspace on one 4096 x 14336 float32 drift, threads={args.threads} ({machine_load()})", flush=True)
+        report["subspace_tensor"] = subspace_speed(threads=(args.threads,), exact=False, log=lambda line: None)
+        print("\n".join(speed_markdown(report["subspace_tensor"])), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

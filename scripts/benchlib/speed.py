@@ -277,6 +277,22 @@ def compare_merges(
     return comparison
 
 
+def resolved_for(name: str, parameters: dict[str, Any], t: float = 0.5) -> dict[str, Any]:
+    """Recipe parameters as one tensor would see them: the first matching ``filter`` entry,
+    and a gradient (a list of numbers) at position ``t`` (0.5: a middle layer)."""
+    out = {}
+    for key, value in parameters.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            value = next(e["value"] for e in value if "filter" not in e or e["filter"] in name)
+        if isinstance(value, list):
+            position = t * (len(value) - 1)
+            low = int(position)
+            high = min(low + 1, len(value) - 1)
+            value = value[low] + (value[high] - value[low]) * (position - low)
+        out[key] = value
+    return out
+
+
 def kernel_timings(
     triple: dict[str, Path],
     names: Sequence[str],
@@ -312,7 +328,7 @@ def kernel_timings(
             calls[label] = (
                 lambda params=params: merge_tensors(
                     [base, target, donor], "sigmoid_diff",
-                    parameters={"role": ["target", "donor"], **params}, base_index=0,
+                    parameters={"role": ["target", "donor"], **resolved_for(name, params)}, base_index=0,
                 )
             )
         wall: dict[str, list[float]] = {label: [] for label in calls}
