@@ -44,6 +44,11 @@ def recipe_variants() -> dict[str, dict]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("merge_method") == "sigmoid_diff":
                 variants.setdefault(f"recipes/{path.name}", doc.get("parameters") or {})
+    # the subspace projection's cost, although no recipe recommends it
+    variants["protect_subspace input e=0.5"] = {
+        "protect_subspace": "input", "protect_energy": 0.5,
+        "gate": [{"filter": k, "value": False} for k in ("embed_tokens", "lm_head", "norm")] + [{"value": True}],
+    }
     return variants
 
 
