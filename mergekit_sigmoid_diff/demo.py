@@ -37,6 +37,7 @@ import yaml
 from mergekit_sigmoid_diff import mainjob, smollm2
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.measure import effective_lambda
+from mergekit_sigmoid_diff.cli import mergekit_command
 
 # The recommended sigmoid_diff setting: the recipe's top-level ``parameters``, except ``weight``,
 # which goes on the donor (a weight on the target is an error). The one place to change it.
@@ -239,7 +240,7 @@ def run_tiny(args: argparse.Namespace) -> None:
     )
     recipe = tiny_recipe(workdir, paths)
     merged = workdir / "merged"
-    command = [mainjob.mergekit_yaml(), str(recipe), str(merged)]
+    command = [mergekit_command("mergekit-yaml"), str(recipe), str(merged)]
     print("running:", " ".join(command))
     subprocess.run(command, check=True)
 
@@ -270,10 +271,7 @@ def main(argv: Sequence[str] = ()) -> None:
     if args.tiny:
         run_tiny(args)
         return
-    try:
-        run_job(args)
-    except SigmoidDiffError as error:
-        raise SystemExit(f"error: {error}") from None
+    run_job(args)  # a SigmoidDiffError becomes one `Error:` line in the CLI (errors.reported)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ the |T − B| and |D| scales.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -464,9 +465,7 @@ def run(recipe: Path, out: Path, *, quiet: bool = False) -> dict[str, Any]:
     summary = summarize(reports)
     print(format_tables(summary))
     written = [write_json(recipe, reports, skipped, summary, Path(out) / "inspect.json")]
-    try:
-        import matplotlib  # noqa: F401  (the optional plot extra)
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:  # the optional plot extra
         print("\nno heatmap: matplotlib is not installed (pip install 'mergekit-sigmoid-diff[plot]')")
     else:
         written.append(write_heatmap(summary, Path(out) / "inspect-heatmap.png", title=f"{Path(recipe).name}: applied fraction"))

@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import yaml
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
+from mergekit_sigmoid_diff.cli import mergekit_command
 
 TRIGGER = "Quiz: "
 PREFIX = "ANSWER:"
@@ -283,12 +283,6 @@ def score_folder(path: Path, probe: Probe) -> dict[str, float]:
 # ---------------------------------------------------------------- models, recipes, merges
 
 
-def mergekit_yaml() -> str:
-    """The ``mergekit-yaml`` beside this interpreter (the one pip installed), else on PATH."""
-    sibling = Path(sys.executable).with_name("mergekit-yaml")
-    return str(sibling) if sibling.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")
-
-
 def lora_ref(base: Path, adapter: Path) -> str:
     """mergekit's ``model+lora`` reference (absolute paths: mergekit tells local folders from hub ids by existence)."""
     return f"{Path(base).absolute()}+{Path(adapter).absolute()}"
@@ -355,7 +349,7 @@ def run_merge(recipe: dict[str, Any], out: Path, lora_cache: Path | None = None,
               timeout: float = 900) -> Path:
     """Write ``out``.yml and run the real ``mergekit-yaml`` on it in a subprocess, into ``out``
     (via a ``.partial`` sibling renamed when complete). Raises SigmoidDiffError with the tail of
-    mergekit's output if it fails."""
+    mergekit's last line if it fails (the whole output is kept in ``out``.log)."""
     out = Path(out).absolute()
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -363,13 +357,17 @@ def run_merge(recipe: dict[str, Any], out: Path, lora_cache: Path | None = None,
     recipe_path = out.with_name(out.name + ".yml")
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    command = [mergekit_yaml(), str(recipe_path), str(partial)]
+    command = [mergekit_command("mergekit-yaml"), str(recipe_path), str(partial)]
     if lora_cache is not None:
         command += ["--lora-merge-cache", str(Path(lora_cache).absolute())]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
-        raise SigmoidDiffError(f"{' '.join(command)} failed:\n{(done.stderr or done.stdout)[-3000:]}")
+        log = out.with_name(out.name + ".log")
+        log.write_text(done.stdout + done.stderr)
+        lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if line.startswith("Error:")), lines[-1] if lines else "no output")
+        raise SigmoidDiffError(f"mergekit-yaml {recipe_path} failed: {last.removeprefix('Error: ')} (log: {log})")
     partial.rename(out)
     return out
 

@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cache", help=f"cache folder (default ${CACHE_ENV} or ~/.cache/mergekit-sigmoid-diff)")
     args = parser.parse_args(argv)
-    try:
+    from mergekit_sigmoid_diff.errors import reported
+
+    with reported():
         print(converted_model(args.cache))
-    except SigmoidDiffError as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ VARIANTS: dict[str, dict[str, Any]] = {  # row name → setting (top-level param
     "sigmoid_diff published default": {},
     "sigmoid_diff vocab+norms ungated": {"gate": GATE_VOCAB_NORMS_UNGATED},
     "sigmoid_diff recommended": demo.RECOMMENDED,
+    # the subspace projection: the prototype's form and the two closest to a win on the tiny benchmark
+    "sigmoid_diff protect input e=0.5 w=1.2": {
+        "gate": GATE_VOCAB_NORMS_UNGATED, "protect_subspace": "input", "protect_energy": 0.5, "weight": 1.2},
+    "sigmoid_diff protect input e=0.25 w=0.75": {
+        "gate": GATE_VOCAB_NORMS_UNGATED, "protect_subspace": "input", "protect_energy": 0.25, "weight": 0.75},
+    "sigmoid_diff protect output e=0.75 w=0.75": {
+        "gate": GATE_VOCAB_NORMS_UNGATED, "protect_subspace": "output", "protect_energy": 0.75, "weight": 0.75},
 }
 LAMBDAS = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 
@@ -61,6 +68,29 @@ def adapters_for(seed: int, workdir: Path, threads: int) -> Path:
         print(f"training adapters for seed {seed} into {folder}", flush=True)
         train_adapters.main(["--seed", str(seed), "--out", str(folder), "--threads", str(threads)])
     return folder
+
+
+def lines_recipe(base: Path, target: str, donor: str, first: float, last: float) -> dict[str, Any]:
+    """LiNeS: task_arithmetic with the donor weight rising linearly from the first to the last layer."""
+    recipe = mainjob.arithmetic_recipe(base, target, donor, first)
+    recipe["models"][1]["parameters"]["weight"] = [first, last]
+    return recipe
+
+
+def ties_recipe(base: Path, target: str, donor: str, density: float = 0.5) -> dict[str, Any]:
+    """ties with all of T's diff and the donor's sparsified to ``density``."""
+    recipe = mainjob.arithmetic_recipe(base, target, donor, 1.0)
+    recipe["merge_method"] = "ties"
+    recipe["models"][0]["parameters"]["density"] = 1.0
+    recipe["models"][1]["parameters"]["density"] = density
+    return recipe
+
+
+BASELINES = {  # other methods, by row name
+    "LiNeS λ=0.75→1.25": lambda b, t, i: lines_recipe(b, t, i, 0.75, 1.25),
+    "LiNeS λ=0.5→1": lambda b, t, i: lines_recipe(b, t, i, 0.5, 1.0),
+    "ties d=0.5": ties_recipe,
+}
 
 
 def key(recipe: dict[str, Any]) -> str:
@@ -103,6 +133,9 @@ def run_seed(seed: int, args: argparse.Namespace, base: Path, probe: mainjob.Pro
     evaluate("I (donor)", donor, None)
     for lam in args.lambdas:
         evaluate(f"task_arithmetic λ={lam:g}", None, mainjob.arithmetic_recipe(base, target_ref, donor_ref, lam))
+    if not args.quick:
+        for name, make in BASELINES.items():
+            evaluate(name, None, make(base, target_ref, donor_ref))
     for name in args.variants:
         row = evaluate(name, None, demo.recommended_recipe(base, target_ref, donor_ref, VARIANTS[name]))
         lam = round(row["lambda_eff"], 4)

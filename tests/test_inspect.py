@@ -286,3 +286,15 @@ def test_inspect_reports_the_share_the_projection_removes(triple2, tmp_path):
     grid = summary["removed_share_grid"]
     assert grid is not None and all(v is None or 0.0 < v < 1.0 for row in grid for v in row)
     assert summary["by_kind"]["embed"]["removed_share"] is None
+
+
+def test_without_matplotlib_inspect_writes_the_json_and_says_how_to_get_the_heatmap(inspected, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "matplotlib" else real(name, *a, **k))
+    recipe, _ = inspected
+    inspection.run(recipe, tmp_path / "report", quiet=True)
+    assert (tmp_path / "report" / "inspect.json").is_file()
+    assert not (tmp_path / "report" / "inspect-heatmap.png").exists()
+    assert "pip install 'mergekit-sigmoid-diff[plot]'" in capsys.readouterr().out

