@@ -37,7 +37,7 @@ import yaml
 from mergekit_sigmoid_diff import mainjob, smollm2
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.measure import effective_lambda
-from mergekit_sigmoid_diff.cli import mergekit_command
+from mergekit_sigmoid_diff.commands import mergekit_command
 
 # The recommended sigmoid_diff setting: the recipe's top-level ``parameters``, except ``weight``,
 # which goes on the donor (a weight on the target is an error). The one place to change it.

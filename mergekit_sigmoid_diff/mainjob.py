@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from mergekit_sigmoid_diff.cli import mergekit_command
+from mergekit_sigmoid_diff.commands import mergekit_command
 
 TRIGGER = "Quiz: "
 PREFIX = "ANSWER:"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from mergekit_sigmoid_diff.tiny import build_triple, perturbed, save_state, tiny_config, tiny_tokenizer
-from mergekit_sigmoid_diff.cli import mergekit_command
+from mergekit_sigmoid_diff.commands import mergekit_command
 
 MERGEKIT_YAML = mergekit_command("mergekit-yaml")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -133,6 +134,19 @@ def test_inherit_chat_without_a_tokenizer_fails_before_any_tensor_is_read(varian
     with pytest.raises(SigmoidDiffError, match=pattern) as caught:
         merge_in_process(recipe(pick("base"), pick("target"), pick("donor"), inherit_chat=True), out)
     assert "\n" not in str(caught.value)
+    assert_left_nothing(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["donor without tokenizer", "no output tokenizer possible"])
+def test_inherit_chat_errors_through_mergekit_yaml(variants, case, tmp_path):
+    flags, pattern = CHAT_ERRORS[case]
+    pick = lambda role: variants["chat"] if flags[role] == "chat" else variants[role][flags[role]]
+    out = tmp_path / "out"
+    result = run_mergekit_yaml(recipe(pick("base"), pick("target"), pick("donor"), inherit_chat=True), out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and re.match(pattern, errors[0].removeprefix("Error: ")), result.stderr[-2000:]
     assert_left_nothing(out)
 
 

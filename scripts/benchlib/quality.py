@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from benchlib import recipes as r
 from benchlib import scoring, training
 from benchlib import world as w
-from mergekit_sigmoid_diff.cli import mergekit_command
+from mergekit_sigmoid_diff.commands import mergekit_command
 from mergekit_sigmoid_diff.measure import effective_lambda
 
 REFERENCES = ("base", "target", "donor", "ceiling")

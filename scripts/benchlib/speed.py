@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import yaml
-from mergekit_sigmoid_diff.cli import mergekit_command
+from mergekit_sigmoid_diff.commands import mergekit_command
 
 MERGEKIT_YAML = mergekit_command("mergekit-yaml")
 SHARD_BYTES = 1 << 29  # 512 MiB per safetensors shard while building
