@@ -89,6 +89,7 @@ def on_merge(module: ModuleType) -> None:
             # the model checks run inside, after the output checks
             with staging.staged_output(out_path) as stage, plan.active(transfer):
                 preflight.check_models(merge_config, options)
+                preflight.check_model_card(merge_config, options, str(out_path), call.get("config_source"))
                 tokenizer_step = output.prepare(merge_config, options, transfer)
                 call["out_path"] = str(stage)
                 call["options"] = tokenizer_step.merge_options(options)

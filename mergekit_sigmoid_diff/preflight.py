@@ -347,3 +347,20 @@ def _check_tensor(
             f"tensor {weight.name} has shape {list(shape)} in {_label(model, config)} but "
             f"{list(expected)} in {_label(reference, config)}"
         )
+
+
+def check_model_card(config: MergeConfiguration, options: MergeOptions, out_path: str, config_source: Optional[str]) -> None:
+    """Render the model card mergekit writes after the merge (it names the input models and may
+    look hub ids up), so that a failure there is reported before any tensor is read."""
+    if not options.write_model_card:
+        return
+    from mergekit.card import generate_card
+
+    try:
+        generate_card(config=config, config_yaml=config_source or config.to_yaml(), name=os.path.basename(out_path))
+    except Exception as error:  # the card writer calls the hub client, whose errors have many types
+        raise SigmoidDiffError(
+            f"the model card for {out_path} cannot be written ({_first_line(error)}); "
+            "pass --no-write-model-card to merge without it"
+        ) from None
+

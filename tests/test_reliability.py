@@ -255,3 +255,16 @@ def test_the_wrappers_pass_every_argument_through(monkeypatch, tmp_path):
 
 def test_the_hook_and_the_plugin_list_the_same_modules():
     assert {name: fn.__name__ for name, fn in plugin.CALLBACKS.items()} == _hook._CALLBACKS
+
+
+def test_a_model_card_that_cannot_be_rendered_fails_before_any_tensor_is_read(variants, tmp_path, monkeypatch, no_tensor_reads):
+    import mergekit.card
+
+    def broken(**kwargs):
+        raise RuntimeError("hub unreachable")
+
+    monkeypatch.setattr(mergekit.card, "generate_card", broken)
+    out = tmp_path / "out"
+    with pytest.raises(SigmoidDiffError, match=r"^the model card for \S+ cannot be written \(hub unreachable\); pass --no-write-model-card"):
+        merge_in_process(recipe(variants["base"][True], variants["target"][True], variants["donor"][True]), out)
+    assert_left_nothing(out)
