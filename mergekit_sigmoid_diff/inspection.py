@@ -125,28 +125,31 @@ def tensor_report(
 
     Arithmetic in the kernel's compute dtype (float32, float64 if any input is), as in a merge.
     Memory beyond the inputs: two full-size buffers (D, and |T − B| turned into f in place)
-    plus one transient diff per donor.
+    plus one transient diff per donor (the subspace mode: D, T − B and the basis).
     """
     dtype = kernel.compute_dtype(base, target, *donors)
     mode = settings.mode(target.dim(), vocabulary)
     diff = kernel.donor_diff(base, donors, weights, dtype)
+    total_energy = torch.linalg.vector_norm(diff).item() ** 2
+    magnitude = diff.abs()
+    diff_mean, diff_max = magnitude.mean().item(), magnitude.max().item()
+    del magnitude
     drift = torch.sub(target.to(dtype), base.to(dtype)).abs_()
     drift_mean, drift_max = drift.mean().item(), drift.max().item()
-    total_energy = torch.linalg.vector_norm(diff).item() ** 2
     removed = rank = None
     if mode == "subspace":
         del drift
-        projected, basis = kernel.protected_diff(base, target, donors, weights, settings)
-        kept = torch.linalg.vector_norm(projected).item() ** 2 / total_energy if total_energy > 0 else None
-        removed, rank = (None if kept is None else 1.0 - kept), basis.rank
+        _, basis, removed = kernel.protected_diff(base, target, donors, weights, settings, diff=diff)
+        rank = basis.rank
+        kept = 1.0 - removed if total_energy > 0 else None
         applied = 1.0 if kept is None else kept
-        del projected
+        if kept is None:
+            removed = None
     else:
         fraction = kernel.applied_fraction_(drift, settings) if mode == "elementwise" else drift.fill_(1.0)
         applied = fraction.mean().item()
         kept_energy = fraction.mul_(diff).mul_(diff).sum().item()  # f·D², in place
         kept = kept_energy / total_energy if total_energy > 0 else None
-    diff.abs_()
     return TensorReport(
         name=name,
         layer=layer_index(name),
@@ -159,8 +162,8 @@ def tensor_report(
         weighted_fraction=kept,
         target_drift_mean=drift_mean,
         target_drift_max=drift_max,
-        donor_diff_mean=diff.mean().item(),
-        donor_diff_max=diff.max().item(),
+        donor_diff_mean=diff_mean,
+        donor_diff_max=diff_max,
         donor_energy=total_energy,
         removed_share=removed,
         protected_rank=rank,

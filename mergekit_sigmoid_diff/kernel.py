@@ -32,7 +32,7 @@ All knobs travel together as one :class:`GateSettings`.
 Arithmetic is float32 (float64 if any input is float64) whatever the input dtype; the
 result is returned in that compute dtype unless ``out_dtype`` says otherwise.
 
-Memory and speed: the tensor is processed in chunks of CHUNK elements along its flat
+Memory and speed (the element-wise gate): the tensor is processed in chunks of CHUNK elements along its flat
 storage, in two passes. Pass 1 reads T and B for min and max of |T − B|; pass 2 computes
 the gate and the output chunk by chunk, writing straight into the output tensor (cast to
 ``out_dtype`` as it is written). The upcast copies, the drift and the accumulator exist for
@@ -208,8 +208,9 @@ def sigmoid_diff(
     """The transfer of one tensor under ``settings``; see the module docstring.
 
     - ``vocabulary``: the tensor is indexed by token (embeddings, lm_head): never projected.
-    - ``out_dtype``: dtype of the result (default: the compute dtype); each chunk is cast
-      as it is written, so no full-size compute-dtype copy of the output ever exists.
+    - ``out_dtype``: dtype of the result (default: the compute dtype); under the element-wise
+      gate each chunk is cast as it is written, so no full-size compute-dtype copy of the
+      output exists (the subspace projection holds D' and T − B in the compute dtype).
     - ``check_finite``: raise :class:`NonFiniteError` if the output holds NaN or Inf,
       instead of returning it: judged from the min and max of every written chunk (a
       by-product-sized reduction, no second pass over the output), or at once after pass 1
@@ -278,7 +279,7 @@ def sigmoid_diff(
 def donor_diff(
     base: torch.Tensor, donors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype
 ) -> torch.Tensor:
-    """D = Σ_j w_j (I_j − B) as a new tensor in ``dtype``."""
+    """D = Σ_j w_j (I_j − B) as a new tensor in ``dtype`` (``base`` may already be in it)."""
     b = base.to(dtype)
     diff = torch.sub(donors[0].to(dtype), b)
     if weights[0] != 1.0:
@@ -294,22 +295,31 @@ def protected_diff(
     donors: Sequence[torch.Tensor],
     weights: Sequence[float],
     settings: GateSettings,
-) -> tuple[torch.Tensor, subspace.Basis]:
-    """D' (compute dtype) and the basis removed: Σ w_j (I_j − B) without the target drift's
-    top ``protect_energy`` directions on the ``protect_subspace`` side (2-D tensors)."""
+    diff: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, subspace.Basis, float]:
+    """(D', the basis removed, the share of ‖D‖² removed): Σ w_j (I_j − B) without the target
+    drift's top ``protect_energy`` directions on the ``protect_subspace`` side (2-D tensors).
+    A ``diff`` already computed (:func:`donor_diff`, compute dtype) is projected in place.
+
+    Raises :class:`NonFiniteError` when T − B holds NaN or Inf (no singular basis exists).
+    Memory beyond the inputs: D' and T − B in the compute dtype, plus the basis.
+    """
     dtype = compute_dtype(base, target, *donors)
-    diff = donor_diff(base, donors, weights, dtype)
-    basis = subspace.drift_basis(
-        torch.sub(target.to(dtype), base.to(dtype)), settings.protect_energy, settings.protect_subspace
-    )
-    return subspace.project_out_(diff, basis, settings.protect_subspace), basis
+    b = base.to(dtype)
+    drift = torch.sub(target.to(dtype), b)
+    if not torch.isfinite(drift).all():
+        raise NonFiniteError("T − B holds NaN or Inf")
+    basis = subspace.drift_basis(drift, settings.protect_energy, settings.protect_subspace)
+    del drift
+    if diff is None:
+        diff = donor_diff(b, donors, weights, dtype)
+    projected, share = subspace.project_out_share_(diff, basis, settings.protect_subspace)
+    return projected, basis, share
 
 
 def _projected(base, target, donors, weights, settings, out_dtype, check_finite) -> torch.Tensor:
     """``T + D'`` (see :func:`protected_diff`), cast to ``out_dtype`` once."""
-    if check_finite and not (torch.isfinite(base).all() and torch.isfinite(target).all()):
-        raise NonFiniteError("base or target holds NaN or Inf")  # no singular basis exists
-    diff, _ = protected_diff(base, target, donors, weights, settings)
+    diff, _, _ = protected_diff(base, target, donors, weights, settings)
     out = diff.add_(target.to(diff.dtype))
     if check_finite and not torch.isfinite(out).all():
         raise NonFiniteError("output holds NaN or Inf")

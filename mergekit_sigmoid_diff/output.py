@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -37,7 +38,7 @@ from mergekit.common import ModelPath, ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_sigmoid_diff.plan import INHERIT_CHAT, INHERIT_ROPE, TransferPlan, current_or
+from mergekit_sigmoid_diff.plan import INHERIT_CHAT, INHERIT_ROPE, TransferPlan, current_or, tokenizer_built_by_mergekit
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 
 LOG = logging.getLogger(__name__)
@@ -61,31 +62,23 @@ TOKENIZER_FILES = (
 )
 
 
-def _tokenizer_built_by_mergekit(config: MergeConfiguration) -> bool:
-    """mergekit builds (and saves) the output tokenizer when either setting is given."""
-    return config.tokenizer is not None or config.tokenizer_source is not None
-
-
 # --- config.json ---------------------------------------------------------------------------
 
 
 def target_out_config(
-    original: Callable[..., transformers.PretrainedConfig],
+    original: Callable[[MergeConfiguration], transformers.PretrainedConfig],
     config: MergeConfiguration,
-    arch_info: Any,
     trust_remote_code: bool = False,
 ) -> transformers.PretrainedConfig:
     """mergekit's ``_model_out_config`` built from the target; RoPE from ``inherit_rope``.
 
-    ``original`` is mergekit's function: it is called with the target in place of
-    ``base_model`` so its dtype and layer-count adjustments still apply.
+    ``original(config)`` is mergekit's function with the call's other arguments: it is called
+    with the target in place of ``base_model`` so its dtype and layer-count adjustments apply.
     """
     plan = current_or(config)
     if plan is None:
-        return original(config, arch_info, trust_remote_code=trust_remote_code)
-    out = original(
-        config.model_copy(update={"base_model": plan.target}), arch_info, trust_remote_code=trust_remote_code
-    )
+        return original(config)
+    out = original(config.model_copy(update={"base_model": plan.target}))
     if plan.rope_donor is not None:
         inherit_rope(out, plan.rope_donor.config(trust_remote_code=trust_remote_code), plan.rope_donor)
     return out
@@ -160,7 +153,10 @@ def prepare(config: MergeConfiguration, options: MergeOptions, plan: Optional[Tr
     """Load and check everything the tokenizer step needs, before any tensor is read.
 
     Every tokenizer, generation config and token-id mapping the output needs is loaded and
-    computed here, so that after the merge only files are written. Raises
+    computed here, so that after the merge only files are written. When mergekit builds the
+    tokenizer (``tokenizer`` / ``tokenizer_source``) it exists only after the merge: the same
+    edits are then tried now on the vocabulary it will have (the source model's; for the
+    union, which holds every token, only the recipe's chat template), and made after. Raises
     :class:`SigmoidDiffError` when ``inherit_chat`` cannot be honoured: the donor has no
     tokenizer or no chat template, no output tokenizer is possible, or a special token of
     the donor is missing from the output vocabulary. Without ``inherit_chat`` a model
@@ -169,7 +165,7 @@ def prepare(config: MergeConfiguration, options: MergeOptions, plan: Optional[Tr
     """
     if plan is None:
         return TokenizerStep("mergekit")
-    built = _tokenizer_built_by_mergekit(config)
+    built = tokenizer_built_by_mergekit(config)
     chat = plan.chat_donor
     if not built and not options.copy_tokenizer:
         if chat is not None:
@@ -192,8 +188,16 @@ def prepare(config: MergeConfiguration, options: MergeOptions, plan: Optional[Tr
         if source != "union":  # the union holds every token; other vocabularies are checked now
             vocabulary_model = config.base_model if source == "base" else source
             vocabulary = _try_load_tokenizer(vocabulary_model, options)
-            if vocabulary is not None:
-                _finish(vocabulary, config, options, plan, sources)  # a dry run: raises what would fail
+            if vocabulary is None:
+                raise SigmoidDiffError(
+                    f"the recipe's tokenizer source {vocabulary_model} has no tokenizer files to build "
+                    "the output tokenizer from"
+                )
+            _finish(vocabulary, config, options, plan, sources)  # a dry run: raises what would fail
+        else:  # what can fail on the union: the recipe's chat template
+            any_tokenizer = target_tokenizer or donor_tokenizer or _try_load_tokenizer(config.base_model, options)
+            if any_tokenizer is not None:
+                _recipe_chat_template(copy.deepcopy(any_tokenizer), config, options)
         return TokenizerStep("built", sources=sources)
 
     if target_tokenizer is None:
@@ -246,10 +250,7 @@ def _finish(
         if donor_generation is not None:
             generation, generation_tokenizer = donor_generation, donor_tokenizer
             generation_from_donor = True
-    if config.chat_template:
-        from mergekit.merge import _set_chat_template
-
-        _set_chat_template(tokenizer, config, trust_remote_code=options.trust_remote_code)
+    _recipe_chat_template(tokenizer, config, options)
     ids = {
         key: remap_token_ids(value, source, tokenizer, f"{key} in config.json")
         for key, (source, value) in id_sources.items()
@@ -264,6 +265,24 @@ def _finish(
             # generation must stop at the donor's eos, whichever generation config this is
             generation.eos_token_id = ids.get("eos_token_id")
     return tokenizer, generation, ids
+
+
+def _recipe_chat_template(tokenizer: Any, config: MergeConfiguration, options: MergeOptions) -> None:
+    """Apply the recipe's ``chat_template`` (a built-in name or Jinja) as mergekit does; a bad one
+    is a one-line error."""
+    if not config.chat_template:
+        return
+    from mergekit.merge import _set_chat_template
+
+    try:
+        _set_chat_template(tokenizer, config, trust_remote_code=options.trust_remote_code)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise SigmoidDiffError(f"chat_template {config.chat_template!r} of the recipe: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def apply_tokenizer(step: TokenizerStep, config: MergeConfiguration, out_path: str, options: MergeOptions, plan) -> None:
@@ -281,12 +300,17 @@ def apply_tokenizer(step: TokenizerStep, config: MergeConfiguration, out_path: s
         tokenizer, generation, ids = _finish(built, config, options, plan, step.sources)
     else:
         tokenizer, generation, ids = step.tokenizer, step.generation, step.config_ids
-    for name in TOKENIZER_FILES:
-        (out / name).unlink(missing_ok=True)
-    tokenizer.save_pretrained(out)
-    _drop_load_arguments(out / "tokenizer_config.json")
-    if generation is not None:
-        generation.save_pretrained(out)
+    # Saved beside, then moved in: the tokenizer being saved may read its own files in OUT
+    # (a sentencepiece tokenizer.model), and no stale file (a base chat template) may stay.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as fresh:
+        tokenizer.save_pretrained(fresh)
+        _drop_load_arguments(Path(fresh) / "tokenizer_config.json")
+        if generation is not None:
+            generation.save_pretrained(fresh)
+        for name in TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
+        for file in Path(fresh).iterdir():
+            os.replace(file, out / file.name)
     config_path = out / "config.json"
     out_config = json.loads(config_path.read_text(encoding="utf-8"))
     out_config.update(ids)
@@ -394,14 +418,6 @@ def _try_load_tokenizer(model: ModelReference, options: MergeOptions) -> Optiona
         except (OSError, ValueError) as error:
             LOG.info("no tokenizer at %s: %s", place, error)
     return None
-
-
-def load_tokenizer(model: ModelReference, options: MergeOptions) -> Any:
-    """The tokenizer of ``model`` (its adapter folder's own for ``model+lora``, if any)."""
-    tokenizer = _try_load_tokenizer(model, options)
-    if tokenizer is None:
-        raise SigmoidDiffError(f"cannot load a tokenizer for model {model}")
-    return tokenizer
 
 
 def load_generation_config(model: ModelReference) -> Optional[transformers.GenerationConfig]:

@@ -90,6 +90,12 @@ def input_groups(config: MergeConfiguration) -> Iterator[InputGroup]:
             )
 
 
+def tokenizer_built_by_mergekit(config: MergeConfiguration) -> bool:
+    """mergekit builds (and saves) the output tokenizer, aligning the vocabularies, when the
+    recipe has ``tokenizer`` or ``tokenizer_source``."""
+    return config.tokenizer is not None or config.tokenizer_source is not None
+
+
 def has_roles(method: str) -> bool:
     """Whether ``method`` takes target/donor roles (sigmoid_diff does, varm does not)."""
     return any(p.name == ROLE for p in registry.get(method).spec.parameters)
@@ -119,6 +125,10 @@ def transfer_plan(config: MergeConfiguration) -> Optional[TransferPlan]:
                         f"base_model {model} is the common ancestor and takes no role (in {group.where})"
                     )
                 continue
+            if model in ids:
+                raise SigmoidDiffError(
+                    f"model {model} appears twice in {group.where}: each model is the target or a donor, once"
+                )
             role = entry.resolve(ROLE, DONOR)
             if not isinstance(role, str):
                 raise SigmoidDiffError(

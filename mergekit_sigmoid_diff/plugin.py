@@ -46,7 +46,18 @@ def register(registry: ModuleType | None = None) -> None:
 
 
 def on_registry(module: ModuleType) -> None:
-    register(module)
+    try:
+        register(module)
+    except ImportError:
+        # Our method module is itself being imported (it imports mergekit, which got here):
+        # it cannot be registered yet. The wrapped run_merge registers before it plans.
+        if not _importing("mergekit_sigmoid_diff.method", "mergekit_sigmoid_diff.varm"):
+            raise
+
+
+def _importing(*names: str) -> bool:
+    """Whether one of these modules is part-way through its first import."""
+    return any(getattr(getattr(sys.modules.get(n), "__spec__", None), "_initializing", False) for n in names)
 
 
 def _wrap_once(module: ModuleType, attribute: str, make: Callable[[Any], Any]) -> None:
@@ -67,11 +78,12 @@ WRAPPED_PARAMETERS = {
 }
 
 
-def _bound(function: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by parameter name, defaults included."""
+def _bound(function: Callable[..., Any], args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """The call bound to ``function``'s signature, defaults applied: read and replace
+    arguments by name in ``.arguments``, call with ``.args`` / ``.kwargs``."""
     bound = inspect.signature(function).bind(*args, **kwargs)
     bound.apply_defaults()
-    return bound.arguments
+    return bound
 
 
 def on_merge(module: ModuleType) -> None:
@@ -79,21 +91,22 @@ def on_merge(module: ModuleType) -> None:
         @functools.wraps(run_merge)
         def checked_run_merge(*args, **kwargs):
             call = _bound(run_merge, args, kwargs)
-            merge_config, out_path, options = (call[name] for name in WRAPPED_PARAMETERS["mergekit.merge.run_merge"])
+            merge_config, out_path, options = (call.arguments[n] for n in WRAPPED_PARAMETERS["mergekit.merge.run_merge"])
             if merge_config.merge_method not in method_names():
                 return run_merge(*args, **kwargs)
             from mergekit_sigmoid_diff import output, plan, preflight, staging
 
+            register()  # in case the import hook could not yet (see on_registry)
             transfer = preflight.check_recipe(merge_config)
             # the merge goes to a staging folder that becomes out_path only once complete;
             # the model checks run inside, after the output checks
             with staging.staged_output(out_path) as stage, plan.active(transfer):
                 preflight.check_models(merge_config, options)
-                preflight.check_model_card(merge_config, options, str(out_path), call.get("config_source"))
+                preflight.check_model_card(merge_config, options, str(out_path), call.arguments.get("config_source"))
                 tokenizer_step = output.prepare(merge_config, options, transfer)
-                call["out_path"] = str(stage)
-                call["options"] = tokenizer_step.merge_options(options)
-                result = run_merge(**call)
+                call.arguments["out_path"] = str(stage)
+                call.arguments["options"] = tokenizer_step.merge_options(options)
+                result = run_merge(*call.args, **call.kwargs)
                 output.apply_tokenizer(tokenizer_step, merge_config, str(stage), options, transfer)
                 return result
 
@@ -106,14 +119,18 @@ def on_merge(module: ModuleType) -> None:
         @functools.wraps(model_out_config)
         def target_out_config(*args, **kwargs):
             call = _bound(model_out_config, args, kwargs)
-            config, arch_info, trust_remote_code = (
-                call[name] for name in WRAPPED_PARAMETERS["mergekit.merge._model_out_config"]
+            config, _, trust_remote_code = (
+                call.arguments[n] for n in WRAPPED_PARAMETERS["mergekit.merge._model_out_config"]
             )
-            if config.merge_method in method_names():
-                from mergekit_sigmoid_diff import output
+            if config.merge_method not in method_names():
+                return model_out_config(*args, **kwargs)
+            from mergekit_sigmoid_diff import output
 
-                return output.target_out_config(model_out_config, config, arch_info, trust_remote_code)
-            return model_out_config(*args, **kwargs)
+            def original(replaced):  # mergekit's function, every other argument as given
+                call.arguments["config"] = replaced
+                return model_out_config(*call.args, **call.kwargs)
+
+            return output.target_out_config(original, config, trust_remote_code)
 
         return target_out_config
 

@@ -31,7 +31,14 @@ from pydantic import ValidationError
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from mergekit_sigmoid_diff.plan import InputGroup, TransferPlan, has_roles, input_groups, transfer_plan
+from mergekit_sigmoid_diff.plan import (
+    InputGroup,
+    TransferPlan,
+    has_roles,
+    input_groups,
+    tokenizer_built_by_mergekit,
+    transfer_plan,
+)
 
 Settings = Optional[Mapping[str, Any]]
 
@@ -289,7 +296,7 @@ def _check_tensors(
 ) -> None:
     """Walk the merge plan (no tensor is read) and check each output tensor's inputs."""
     aligned_vocabulary = bool(
-        config.tokenizer is not None or config.tokenizer_source is not None or options.unsafe_truncate_embeddings
+        tokenizer_built_by_mergekit(config) or options.unsafe_truncate_embeddings
     )
     for merge_task in planned_merges(config, options):
         gather = merge_task.gather_tensors

@@ -29,11 +29,13 @@ from tests.support import (
     CHATML_TEMPLATE,
     CHAT_TOKENS,
     MERGEKIT_MULTI,
+    TARGET_TEMPLATE,
     assert_left_nothing,
     has_tokenizer,
     merge_in_process,
     run_mergekit_yaml,
     strip_tokenizer,
+    write_recipe,
 )
 
 ROLES = ("base", "target", "donor")
@@ -45,6 +47,8 @@ def variants(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenless")
     paths = build_triple(root / "with", seed=3)
     folders = {"base": paths["base"], "target": paths["target"], "donor": paths["donors"][0]}
+    # the target's tokenizer is told apart from the base's (same vocabulary) by a template
+    tiny_tokenizer(chat_template=TARGET_TEMPLATE).save_pretrained(folders["target"])
     out = {}
     for role, folder in folders.items():
         without = root / "without" / role
@@ -81,10 +85,9 @@ def test_every_tokenizer_combination_merges_as_mergekit_does(variants, has, tmp_
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "tokenizer" in r.getMessage()]
     base_has, target_has, _ = has
     if target_has:  # the output's tokenizer is the target's
-        assert has_tokenizer(out)
-        assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(target).get_vocab()
+        assert AutoTokenizer.from_pretrained(out).chat_template == TARGET_TEMPLATE
     elif base_has:  # mergekit's copy of the base's stands, and the user is told why
-        assert has_tokenizer(out)
+        assert has_tokenizer(out) and AutoTokenizer.from_pretrained(out).chat_template is None
         assert any(f"target {target} has no tokenizer files" in w for w in warnings), warnings
     else:
         assert not has_tokenizer(out)
@@ -253,6 +256,61 @@ def test_the_wrappers_pass_every_argument_through(monkeypatch, tmp_path):
     assert module._model_out_config(config, None, trust_remote_code=True, later=1) == {"later": 1}
 
 
+def test_our_path_passes_every_argument_through(variants, monkeypatch, tmp_path):
+    """A sigmoid_diff merge through wrappers of functions that grew a keyword: it reaches them."""
+    real_run_merge = inspect.unwrap(merge.run_merge)
+    real_out_config = inspect.unwrap(merge._model_out_config)
+    seen = {}
+
+    def run_merge(merge_config, out_path, options, config_source=None, new_keyword=None):
+        seen["run_merge"] = new_keyword
+        return real_run_merge(merge_config, out_path, options, config_source)
+
+    def model_out_config(config, arch_info, trust_remote_code=False, later=None):
+        seen.setdefault("out_config", []).append(later)
+        return real_out_config(config, arch_info, trust_remote_code)
+
+    module = type(merge)("fake_merge")
+    module.run_merge, module._model_out_config = run_merge, model_out_config
+    plugin.on_merge(module)
+    monkeypatch.setattr(merge, "_model_out_config", module._model_out_config)  # what run_merge looks up
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(recipe(variants["base"][True], variants["target"][True], variants["donor"][True]))
+    module.run_merge(config, str(tmp_path / "out"), MergeOptions(quiet=True), new_keyword="kept")
+    assert seen["run_merge"] == "kept" and (tmp_path / "out" / "model.safetensors").is_file()
+    from mergekit.architecture import get_architecture_info
+
+    # run_merge rewrote the configuration into modules: a fresh one
+    config = MergeConfiguration.model_validate(recipe(variants["base"][True], variants["target"][True], variants["donor"][True]))
+    arch = get_architecture_info(config, MergeOptions())
+    out = module._model_out_config(config, arch, later="also kept")
+    assert seen["out_config"][-1] == "also kept"
+    assert out.to_dict() == real_out_config(
+        config.model_copy(update={"base_model": config.models[0].model}), arch
+    ).to_dict()  # built from the target
+
+
+def test_importing_the_method_first_still_registers_it(variants, tmp_path):
+    """The hook runs inside mergekit's import, which our method module itself triggers."""
+    code = (
+        "import warnings, sys\n"
+        "warnings.filterwarnings('error', message='mergekit-sigmoid-diff')\n"
+        "import mergekit_sigmoid_diff.method\n"
+        "from mergekit.config import MergeConfiguration\n"
+        "from mergekit.options import MergeOptions\n"
+        "from mergekit import merge\n"
+        "import yaml\n"
+        f"config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))\n"
+        "merge.run_merge(config, sys.argv[2], MergeOptions(quiet=True))\n"
+    )
+    path = write_recipe(tmp_path / "r.yml", recipe(variants["base"][True], variants["target"][True], variants["donor"][True]))
+    done = subprocess.run([__import__("sys").executable, "-c", code, str(path), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_the_hook_and_the_plugin_list_the_same_modules():
     assert {name: fn.__name__ for name, fn in plugin.CALLBACKS.items()} == _hook._CALLBACKS
 
@@ -268,3 +326,19 @@ def test_a_model_card_that_cannot_be_rendered_fails_before_any_tensor_is_read(va
     with pytest.raises(SigmoidDiffError, match=r"^the model card for \S+ cannot be written \(hub unreachable\); pass --no-write-model-card"):
         merge_in_process(recipe(variants["base"][True], variants["target"][True], variants["donor"][True]), out)
     assert_left_nothing(out)
+
+
+def test_a_bad_recipe_chat_template_is_one_line_before_any_tensor_is_read(variants, tmp_path, no_tensor_reads):
+    bad = recipe(variants["base"][True], variants["target"][True], variants["donor"][True])
+    bad["chat_template"] = "no-such-template"
+    with pytest.raises(SigmoidDiffError, match=r"^chat_template 'no-such-template' of the recipe: ") as caught:
+        merge_in_process(bad, tmp_path / "out")
+    assert "\n" not in str(caught.value)
+    assert_left_nothing(tmp_path / "out")
+
+
+def test_a_model_listed_twice_in_a_group_is_refused(variants, tmp_path, no_tensor_reads):
+    twice = recipe(variants["base"][True], variants["target"][True], variants["donor"][True])
+    twice["models"].append({"model": str(variants["target"][True])})
+    with pytest.raises(SigmoidDiffError, match=r"^model \S+ appears twice in models"):
+        merge_in_process(twice, tmp_path / "out")
