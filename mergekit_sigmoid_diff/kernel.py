@@ -45,7 +45,7 @@ tensors this costs no more CPU than mergekit's own bf16 ``task_arithmetic`` kern
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Literal, Mapping, NamedTuple, Optional, Sequence, get_args
 
 import torch
 
@@ -71,7 +71,7 @@ DEFAULT_EPS = 1e-6
 CHUNK = 1 << 16
 
 Protect = Literal["none", "input", "output", "both"]
-PROTECT_OPTIONS: tuple[str, ...] = ("none", "input", "output", "both")
+PROTECT_OPTIONS: tuple[str, ...] = get_args(Protect)
 DEFAULT_PROTECT_ENERGY = 0.5
 Mode = Literal["plain", "elementwise", "subspace"]
 

@@ -30,7 +30,6 @@ REFERENCE_URL = "https://github.com/StableFluffy/EasyLLMFeaturePorter"
 ROLE, TARGET, DONOR = "role", "target", "donor"
 
 Role = Literal["target", "donor"]
-Protect = Literal["none", "input", "output", "both"]
 Steepness = Annotated[FiniteFloat, Field(gt=0)]
 Share = Annotated[float, Field(ge=0, le=1)]
 Eps = Annotated[FiniteFloat, Field(ge=0)]
@@ -81,7 +80,7 @@ def sigmoid_diff_merge(
     gate: bool = True,
     normalize: Normalize = kernel.DEFAULT_NORMALIZE,
     quantile: QuantileLevel = kernel.DEFAULT_QUANTILE,
-    protect_subspace: Protect = "none",
+    protect_subspace: kernel.Protect = "none",
     protect_energy: Share = kernel.DEFAULT_PROTECT_ENERGY,
     inherit_rope: PerNonBase[bool] = False,
     inherit_chat: PerNonBase[bool] = False,

@@ -1,7 +1,7 @@
 """The transfer plan of a ``sigmoid_diff`` recipe: who is the target, who donates, and what.
 
-Computed once per merge from the recipe alone (no file is read), then handed to the recipe
-checks, the model checks, the output folder and ``inspect``. Settings resolve as mergekit
+Computed once per merge from the recipe alone (no file is read) by the recipe checks, then
+handed to the output config and the tokenizer step; ``inspect`` checks recipes the same way. Settings resolve as mergekit
 resolves them: a model's own parameters, then its slice's, its module's, the top level.
 
 Per input group (``models``, each slice, each module) exactly one model has
