@@ -105,16 +105,8 @@ def sigmoid_diff_merge(
         )
     except RoleError as error:
         raise SigmoidDiffError(f"{NAME}: tensor {name} {error}") from None
-    settings = kernel.GateSettings(
-        steepness=steepness,
-        midpoint=midpoint,
-        eps=eps,
-        gate=gate,
-        normalize=normalize,
-        quantile=quantile,
-        protect_subspace=protect_subspace,
-        protect_energy=protect_energy,
-    )
+    # the parameters named like GateSettings' fields (a knob added there needs only its parameter here)
+    settings = kernel.GateSettings.from_parameters(locals())
     try:
         return kernel.sigmoid_diff(
             group.base.tensor,
