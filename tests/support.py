@@ -37,6 +37,15 @@ def one_donor_recipe(paths: dict[str, Any], **top: Any) -> dict[str, Any]:
     }
 
 
+# the recommended `gate` filters: embeddings, lm_head and norms take the plain diff
+EXEMPT_VOCAB_AND_NORMS = [
+    {"filter": "embed_tokens", "value": False},
+    {"filter": "lm_head", "value": False},
+    {"filter": "norm", "value": False},
+    {"value": True},
+]
+
+
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

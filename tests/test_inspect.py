@@ -21,7 +21,7 @@ from mergekit_sigmoid_diff import cli, inspection, kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.tiny import save_state, tiny_config
 from tests.reference import projected_diff
-from tests.support import load_model_tensors
+from tests.support import EXEMPT_VOCAB_AND_NORMS, load_model_tensors, one_donor_recipe, write_recipe
 
 
 def reference_stats(base, target, donors, weights, steepness, midpoint, eps, gate) -> dict[str, float]:
@@ -228,20 +228,7 @@ def test_bad_recipes_are_one_line_errors(tmp_path, content, message, capsys):
 
 
 def test_the_recipes_normalize_option_reaches_the_kernel(triple2, tmp_path):
-    recipe = tmp_path / "quantile.yml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "sigmoid_diff",
-                "base_model": str(triple2["base"]),
-                "models": [
-                    {"model": str(triple2["target"]), "parameters": {"role": "target"}},
-                    {"model": str(triple2["donors"][0])},
-                ],
-                "parameters": {"normalize": "rank"},
-            }
-        )
-    )
+    recipe = write_recipe(tmp_path / "quantile.yml", one_donor_recipe(triple2, parameters={"normalize": "rank"}))
     reports, _ = inspection.inspect_recipe(recipe, quiet=True)
     name = "model.layers.1.mlp.gate_proj.weight"
     (r,) = [r for r in reports if r.name == name]
@@ -254,22 +241,11 @@ def test_the_recipes_normalize_option_reaches_the_kernel(triple2, tmp_path):
 
 
 def test_inspect_reports_the_share_the_projection_removes(triple2, tmp_path):
-    recipe = tmp_path / "protect.yml"
-    gate = [{"filter": "embed_tokens", "value": False}, {"filter": "lm_head", "value": False},
-            {"filter": "norm", "value": False}, {"value": True}]
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "sigmoid_diff",
-                "base_model": str(triple2["base"]),
-                "models": [
-                    {"model": str(triple2["target"]), "parameters": {"role": "target"}},
-                    {"model": str(triple2["donors"][0]), "parameters": {"weight": 1.2}},
-                ],
-                "parameters": {"protect_subspace": "input", "protect_energy": 0.5, "gate": gate},
-            }
-        )
+    protect = one_donor_recipe(
+        triple2, parameters={"protect_subspace": "input", "protect_energy": 0.5, "gate": EXEMPT_VOCAB_AND_NORMS}
     )
+    protect["models"][1]["parameters"] = {"weight": 1.2}
+    recipe = write_recipe(tmp_path / "protect.yml", protect)
     summary = inspection.run(recipe, tmp_path / "report", quiet=True)
     reports = json.loads((tmp_path / "report" / "inspect.json").read_text())["tensors"]
     projected = [r for r in reports if r["mode"] == "subspace"]

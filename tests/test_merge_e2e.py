@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.reference import published_formula, reference_transfer
-from tests.support import load_model_tensors, one_donor_recipe, run_mergekit_yaml
+from tests.support import EXEMPT_VOCAB_AND_NORMS, load_model_tensors, one_donor_recipe, run_mergekit_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -95,12 +95,6 @@ def test_bf16_compute_dtype_and_out_dtype_are_honoured(triple, tmp_path):
         ).all(), name
 
 
-SUBSPACE_GATE = [
-    {"filter": "embed_tokens", "value": False},
-    {"filter": "lm_head", "value": False},
-    {"filter": "norm", "value": False},
-    {"value": True},
-]
 
 
 @pytest.mark.parametrize("side", ["input", "output", "both"])
@@ -114,7 +108,7 @@ def test_protect_subspace_matches_a_float64_svd(triple2, tmp_path, side):
             {"model": str(triple2["donors"][0]), "parameters": {"weight": [1.0, 1.4]}},
             {"model": str(triple2["donors"][1]), "parameters": {"weight": 0.5}},
         ],
-        "parameters": {"protect_subspace": side, "protect_energy": [0.3, 0.7], "gate": SUBSPACE_GATE},
+        "parameters": {"protect_subspace": side, "protect_energy": [0.3, 0.7], "gate": EXEMPT_VOCAB_AND_NORMS},
         "dtype": "float32",
     }
     result = run_mergekit_yaml(recipe, tmp_path / "out")
@@ -138,7 +132,7 @@ def test_protect_subspace_matches_a_float64_svd(triple2, tmp_path, side):
 def test_protect_subspace_in_bf16(triple, tmp_path):
     recipe = one_donor_recipe(
         triple, dtype="bfloat16", out_dtype="bfloat16",
-        parameters={"protect_subspace": "input", "protect_energy": 0.5, "gate": SUBSPACE_GATE},
+        parameters={"protect_subspace": "input", "protect_energy": 0.5, "gate": EXEMPT_VOCAB_AND_NORMS},
     )
     result = run_mergekit_yaml(recipe, tmp_path / "bf16")
     assert result.returncode == 0, result.stderr[-3000:]
