@@ -5,8 +5,10 @@ where the import hook cannot (``python -S``, ``python -I``, pipx environments).
     demo [--workdir DIR] [--quick]             the main job: a real transfer on SmolLM2-135M,
                                                measured against task_arithmetic
     demo --tiny [--workdir DIR]                the plumbing check on tiny random models
-    inspect RECIPE [--out DIR] [--quiet]       per layer and tensor kind, how much of the donor
-                                               diff a recipe applies (no merge; JSON + heatmap)
+    inspect RECIPE [--out DIR] [mergekit-yaml options]
+                                               per layer and tensor kind, how much of the donor
+                                               diff a recipe applies (no merge; JSON + heatmap),
+                                               after the merge's own checks
 """
 
 from __future__ import annotations

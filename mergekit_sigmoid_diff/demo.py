@@ -202,27 +202,28 @@ def tiny_recipe(workdir: Path, paths: dict) -> Path:
 
 
 def tiny_evaluate(paths: dict, merged: Path) -> tuple[dict, float]:
-    """Per-layer λ_eff measured on the output, and the worst deviation from float64."""
+    """Per-layer λ_eff measured on the output (:func:`.measure.effective_lambda_by`), and the
+    worst deviation from the same formula computed in float64."""
     from safetensors.torch import load_file
 
     from mergekit_sigmoid_diff import kernel
     from mergekit_sigmoid_diff.inspection import layer_index
+    from mergekit_sigmoid_diff.measure import effective_lambda_by
 
+    def row(name: str) -> str:
+        layer = layer_index(name)
+        return "model" if layer is None else str(layer)
+
+    lambdas = effective_lambda_by(merged, paths["target"], paths["donors"][0], paths["base"], key=row)
     base, target, donor, out = (
         load_file(Path(p) / "model.safetensors") for p in (paths["base"], paths["target"], paths["donors"][0], merged)
     )
-    dots: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     worst = 0.0
     for name, result in out.items():
         b, t, i = base[name].double(), target[name].double(), donor[name].double()
-        diff = i - b
-        layer = layer_index(name)
-        row = dots["model" if layer is None else str(layer)]
-        row[0] += torch.dot((result.double() - t).flatten(), diff.flatten()).item()
-        row[1] += torch.dot(diff.flatten(), diff.flatten()).item()
         expected = kernel.sigmoid_diff(b, t, [i], [1.0])  # float64 inputs: float64 arithmetic
         worst = max(worst, (result.double() - expected).abs().max().item())
-    return {row: num / den for row, (num, den) in dots.items() if den > 0}, worst
+    return {r: lam for r, lam in lambdas.items() if lam == lam}, worst  # NaN: I = B in that row
 
 
 def run_tiny(args: argparse.Namespace) -> None:

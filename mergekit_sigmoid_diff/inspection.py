@@ -35,7 +35,6 @@ the |T − B| and |D| scales.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import re
@@ -107,6 +106,9 @@ class TensorReport:
     donor_energy: float
     removed_share: Optional[float] = None  # subspace mode only
     protected_rank: Optional[int] = None
+    # D = 0 exactly: the donors did not change this tensor, so the gate has nothing to damp
+    # and applied_fraction says nothing about the transfer; left out of every average
+    donor_unchanged: bool = False
 
 
 def tensor_report(
@@ -167,6 +169,7 @@ def tensor_report(
         donor_energy=total_energy,
         removed_share=removed,
         protected_rank=rank,
+        donor_unchanged=diff_max == 0.0,
     )
 
 
@@ -227,9 +230,9 @@ def _report_task_type():
             needed = [base, target, *(m for m, _ in donors)]
             if any(m not in tensors for m in needed) or not tensors[base].is_floating_point():
                 return None  # an optional tensor absent from some model, or an integer buffer
-            for model in needed:
-                if not torch.isfinite(tensors[model]).all():
-                    raise SigmoidDiffError(f"inspect: tensor {name} of model {model} contains NaN or Inf")
+            # mergekit's own merge step, as the merge runs it (dtype, method, non-finite
+            # inputs and overflow checks): inspect fails exactly where the merge would
+            merge.execute(tensors=tensors)
             parameters = dict(merge.parameters.items())
             return tensor_report(
                 name,
@@ -246,32 +249,33 @@ def _report_task_type():
     return TensorReportTask
 
 
-def inspect_recipe(recipe: Path, *, quiet: bool = False) -> tuple[list[TensorReport], list[str]]:
+def inspect_recipe(recipe: Path, options: Any = None, *, quiet: bool = False) -> tuple[list[TensorReport], list[str]]:
     """Plan ``recipe`` with mergekit and report every output tensor, streaming the inputs.
 
-    Returns the reports in mergekit's output order and the names of the tensors skipped
-    (optional tensors missing from a model; integer buffers).
+    ``options`` are mergekit's ``MergeOptions`` (default: mergekit's defaults, ``quiet`` as
+    given); the ones that change what is valid (``--allow-crimes``,
+    ``--unsafe-truncate-embeddings``, ``--lora-merge-cache``, ...) act as in the merge.
+    Before any tensor is read the recipe goes through :func:`.plugin.checked`, the merge's
+    own checks. Returns the reports in mergekit's output order and the names of the
+    tensors skipped (optional tensors missing from a model; integer buffers).
     """
     from mergekit.graph import Executor
     from mergekit.options import MergeOptions
 
-    from mergekit_sigmoid_diff import preflight
-    from mergekit_sigmoid_diff.plugin import activate
+    from mergekit_sigmoid_diff import plugin, preflight
 
-    activate()
+    plugin.activate()
     config = load_recipe(recipe)
-    options = MergeOptions(quiet=quiet)
-    # the same one-line errors as mergekit-yaml, from the recipe and the model headers alone
-    preflight.check_recipe(config)
-    preflight.check_models(config, options)
-    planned = preflight.planned_merges(config, options)
-    task_type = _report_task_type()
-    results = {
-        task.merge.output_weight.name: report
-        for task, report in Executor(targets=[task_type(merge=step) for step in planned]).run(
-            quiet=quiet, desc="Inspecting tensors"
-        )
-    }
+    options = options if options is not None else MergeOptions(quiet=quiet)
+    with plugin.checked(config, options) as ok:
+        planned = preflight.planned_merges(config, ok.options)
+        task_type = _report_task_type()
+        results = {
+            task.merge.output_weight.name: report
+            for task, report in Executor(targets=[task_type(merge=step) for step in planned]).run(
+                quiet=ok.options.quiet, desc="Inspecting tensors"
+            )
+        }
     ordered = [(step.output_weight.name, results[step.output_weight.name]) for step in planned]
     return [r for _, r in ordered if r is not None], [name for name, r in ordered if r is None]
 
@@ -279,7 +283,8 @@ def inspect_recipe(recipe: Path, *, quiet: bool = False) -> tuple[list[TensorRep
 @dataclass
 class _Cell:
     numel: int = 0
-    fraction_sum: float = 0.0  # Σ numel · applied_fraction
+    changed_numel: int = 0  # the elements of the tensors with D ≠ 0
+    fraction_sum: float = 0.0  # Σ numel · applied_fraction over the tensors with D ≠ 0
     drift_sum: float = 0.0
     diff_sum: float = 0.0
     drift_max: float = 0.0
@@ -289,11 +294,16 @@ class _Cell:
     projected_energy: float = 0.0  # Σ donor_energy over the projected tensors
     removed_energy: float = 0.0  # Σ donor_energy · removed_share
     tensors: int = 0
+    unchanged: int = 0  # tensors with D = 0
 
     def add(self, r: TensorReport) -> None:
         self.numel += r.numel
         self.tensors += 1
-        self.fraction_sum += r.numel * r.applied_fraction
+        if r.donor_unchanged:
+            self.unchanged += 1
+        else:
+            self.changed_numel += r.numel
+            self.fraction_sum += r.numel * r.applied_fraction
         self.drift_sum += r.numel * r.target_drift_mean
         self.diff_sum += r.numel * r.donor_diff_mean
         self.drift_max = max(self.drift_max, r.target_drift_max)
@@ -309,6 +319,11 @@ class _Cell:
     def removed_share(self) -> Optional[float]:
         return self.removed_energy / self.projected_energy if self.projected_energy > 0 else None
 
+    @property
+    def applied_fraction(self) -> Optional[float]:
+        """Element-weighted mean over the tensors the donors changed (None: all have D = 0)."""
+        return self.fraction_sum / self.changed_numel if self.changed_numel else None
+
 
 def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
     """The layer × kind grid and the per-kind table (element-weighted means)."""
@@ -322,16 +337,18 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
         row = MODEL_ROW if r.layer is None else str(r.layer)
         cells.setdefault((row, r.kind), _Cell()).add(r)
         by_kind.setdefault(r.kind, _Cell()).add(r)
-    grid = [
-        [cells[(row, k)].fraction_sum / cells[(row, k)].numel if (row, k) in cells else None for k in kinds]
-        for row in rows
+    grid = [[cells[(row, k)].applied_fraction if (row, k) in cells else None for k in kinds] for row in rows]
+    # True where the cell's tensors exist and the donors changed none of them (D = 0)
+    unchanged_grid = [
+        [(row, k) in cells and cells[(row, k)].changed_numel == 0 for k in kinds] for row in rows
     ]
     removed_grid = [[cells[(row, k)].removed_share if (row, k) in cells else None for k in kinds] for row in rows]
     table = {
         k: {
             "tensors": c.tensors,
+            "donor_unchanged": c.unchanged,
             "numel": c.numel,
-            "applied_fraction": c.fraction_sum / c.numel,
+            "applied_fraction": c.applied_fraction,
             "weighted_fraction": c.kept_energy / c.energy if c.energy > 0 else None,
             "target_drift_mean": c.drift_sum / c.numel,
             "target_drift_max": c.drift_max,
@@ -348,18 +365,27 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
         "rows": rows,
         "kinds": kinds,
         "applied_fraction_grid": grid,
+        "donor_unchanged_grid": unchanged_grid,
         # None everywhere unless the recipe sets protect_subspace
         "removed_share_grid": removed_grid if any(v is not None for row in removed_grid for v in row) else None,
         "by_kind": table,
-        "applied_fraction_overall": total.fraction_sum / total.numel if total.numel else None,
+        "applied_fraction_overall": total.applied_fraction,
+        "donor_unchanged_tensors": total.unchanged,
     }
 
 
-def _grid_lines(title: str, rows: Sequence[str], kinds: Sequence[str], grid) -> list[str]:
+UNCHANGED = "D=0"  # table mark of a cell whose tensors the donors did not change
+
+
+def _grid_lines(title: str, rows: Sequence[str], kinds: Sequence[str], grid, unchanged=None) -> list[str]:
     width = max(6, *(len(k) for k in kinds)) + 1
     lines = [title, "layer".ljust(7) + "".join(k.rjust(width) for k in kinds)]
-    for row, values in zip(rows, grid):
-        lines.append(row.ljust(7) + "".join(("-" if v is None else f"{v:.3f}").rjust(width) for v in values))
+    for i, (row, values) in enumerate(zip(rows, grid)):
+        marks = [
+            UNCHANGED if unchanged is not None and unchanged[i][j] else "-" if v is None else f"{v:.3f}"
+            for j, v in enumerate(values)
+        ]
+        lines.append(row.ljust(7) + "".join(m.rjust(width) for m in marks))
     return lines
 
 
@@ -367,10 +393,12 @@ def format_tables(summary: dict[str, Any]) -> str:
     """The grids (rows: layers, then ``model``) and the per-kind table as plain text."""
     kinds, rows = summary["kinds"], summary["rows"]
     lines = _grid_lines(
-        "applied fraction 1 − ratio (mean over elements; projected tensors: ‖D'‖² / ‖D‖²)",
+        "applied fraction 1 − ratio (mean over elements; projected tensors: ‖D'‖² / ‖D‖²; "
+        f"{UNCHANGED}: the donors did not change these tensors, left out of every average)",
         rows,
         kinds,
         summary["applied_fraction_grid"],
+        summary["donor_unchanged_grid"],
     )
     if summary.get("removed_share_grid") is not None:
         lines += [""] + _grid_lines(
@@ -385,23 +413,45 @@ def format_tables(summary: dict[str, Any]) -> str:
         "(= λ_eff / w for one donor)",
         "|T−B| = drift of the target, |D| = |Σ w (I−B)| = the donor diff",
     ]
-    header = ("kind", "tensors", "applied", "weighted", "removed", "mean|T-B|", "max|T-B|", "mean|D|", "max|D|")
+    header = ("kind", "tensors", UNCHANGED, "applied", "weighted", "removed", "mean|T-B|", "max|T-B|", "mean|D|", "max|D|")
     lines.append(header[0].ljust(14) + "".join(h.rjust(11) for h in header[1:]))
     for kind, s in summary["by_kind"].items():
         values = (
             f"{s['tensors']}",
-            f"{s['applied_fraction']:.4f}",
+            f"{s['donor_unchanged']}",
+            "-" if s["applied_fraction"] is None else f"{s['applied_fraction']:.4f}",
             "-" if s["weighted_fraction"] is None else f"{s['weighted_fraction']:.4f}",
             "-" if s["removed_share"] is None else f"{s['removed_share']:.4f}",
             *(f"{s[key]:.3e}" for key in ("target_drift_mean", "target_drift_max", "donor_diff_mean", "donor_diff_max")),
         )
         lines.append(kind.ljust(14) + "".join(v.rjust(11) for v in values))
-    lines.append(f"\noverall applied fraction: {summary['applied_fraction_overall']:.4f}")
+    overall = summary["applied_fraction_overall"]
+    lines.append(
+        "\noverall applied fraction: "
+        + ("- (the donors changed no tensor)" if overall is None else f"{overall:.4f}")
+        + f" over the tensors the donors changed; {summary['donor_unchanged_tensors']} tensor(s) with D = 0 left out"
+    )
     return "\n".join(lines)
 
 
+def colour_range(values: Sequence[Optional[float]]) -> tuple[float, float]:
+    """The heatmap's colour scale: the smallest and largest value present (so that the
+    differences that exist are visible, however small), widened to at least 0.01 and kept
+    inside [0, 1]; (0, 1) when there is no value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return 0.0, 1.0
+    lo, hi = min(present), max(present)
+    if hi - lo < 0.01:
+        middle = min(max((lo + hi) / 2, 0.005), 0.995)
+        lo, hi = middle - 0.005, middle + 0.005
+    return lo, hi
+
+
 def write_heatmap(summary: dict[str, Any], path: Path, title: str = "") -> Path:
-    """Layers × tensor kind image of the applied fraction (grey: no such tensor).
+    """Layers × tensor kind image of the applied fraction (grey: no such tensor; white,
+    marked D=0: the donors did not change those tensors). The colour scale spans the values
+    present (:func:`colour_range`), not [0, 1].
 
     Uses matplotlib's object API with the Agg canvas: no display, no global backend change.
     """
@@ -414,19 +464,26 @@ def write_heatmap(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     values = np.array(
         [[np.nan if v is None else v for v in row] for row in summary["applied_fraction_grid"]], dtype=float
     )
+    unchanged = np.array(summary["donor_unchanged_grid"], dtype=bool)
+    vmin, vmax = colour_range([v for row in summary["applied_fraction_grid"] for v in row])
     fig = Figure(figsize=(2.2 + 0.62 * len(kinds), 1.9 + 0.26 * len(rows)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    if unchanged.any():  # white cells over the grey of "no tensor"
+        ax.imshow(np.ma.masked_where(~unchanged, np.ones(unchanged.shape)), cmap=matplotlib.colors.ListedColormap(["white"]), aspect="auto")
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 24 else 8)
     ax.set_ylabel("layer")
+    middle = (vmin + vmax) / 2
     if len(rows) * len(kinds) <= 400:  # label the cells while they are big enough to read
         for i, j in zip(*np.nonzero(~np.isnan(values))):
             v = values[i, j]
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
-    fig.colorbar(image, ax=ax, label="applied fraction 1 − ratio")
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="white" if v < middle else "black")
+        for i, j in zip(*np.nonzero(unchanged)):
+            ax.text(j, i, UNCHANGED, ha="center", va="center", fontsize=6, color="black")
+    fig.colorbar(image, ax=ax, label=f"applied fraction 1 − ratio (scale {vmin:.3f}–{vmax:.3f}; {UNCHANGED}: donor unchanged)")
     ax.set_title(title or "sigmoid_diff: mean applied fraction per tensor", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,7 +504,9 @@ def write_json(
             "removed_share": "protect_subspace only: 1 - |D'|^2/|D|^2, the share of the diff's energy projected out",
             "target_drift_mean/max": "mean/max of |T-B|",
             "donor_diff_mean/max": "mean/max of |D|",
-            "aggregates": "element-weighted means over tensors; maxima of maxima",
+            "donor_unchanged": "D = 0 exactly: the donors did not change the tensor; left out of every "
+            "applied/weighted average (donor_unchanged_grid marks cells holding only such tensors)",
+            "aggregates": "element-weighted means over the tensors with D != 0; maxima of maxima",
         },
         **summary,
         "tensors": [asdict(r) for r in reports],
@@ -459,10 +518,10 @@ def write_json(
     return path
 
 
-def run(recipe: Path, out: Path, *, quiet: bool = False) -> dict[str, Any]:
+def run(recipe: Path, out: Path, options: Any = None, *, quiet: bool = False) -> dict[str, Any]:
     """Inspect, print the tables, write ``inspect.json`` (and ``inspect-heatmap.png`` when
     matplotlib is installed) to ``out``."""
-    reports, skipped = inspect_recipe(recipe, quiet=quiet)
+    reports, skipped = inspect_recipe(recipe, options, quiet=quiet)
     if not reports:
         raise SigmoidDiffError(f"inspect: recipe {recipe} planned no floating-point tensor to inspect")
     summary = summarize(reports)
@@ -476,19 +535,39 @@ def run(recipe: Path, out: Path, *, quiet: bool = False) -> dict[str, Any]:
     return summary
 
 
+def _command():
+    """The ``inspect`` command: a recipe, ``--out``, and every ``mergekit-yaml`` option
+    (mergekit's own ``add_merge_options``), so a recipe is judged with the options it is
+    merged with. Built on first use: importing this module must not import mergekit."""
+    import click
+    from mergekit.options import PrettyPrintHelp, add_merge_options
+
+    @click.command("inspect", cls=PrettyPrintHelp, help=INSPECT_HELP)
+    @click.argument("recipe", type=click.Path(path_type=Path))
+    @click.option("--out", type=click.Path(path_type=Path), default=None, help="output folder (default: ./<recipe name>-inspect)")
+    @add_merge_options
+    def command(merge_options, recipe: Path, out: Optional[Path]) -> None:
+        merge_options.apply_global_options()
+        with reported():
+            run(recipe, out or Path.cwd() / f"{recipe.stem}-inspect", merge_options)
+
+    return command
+
+
+INSPECT_HELP = (
+    "Report, per layer and tensor kind, how much of the donor diff a sigmoid_diff recipe "
+    "applies, without merging (streams the models tensor by tensor). Takes the options of "
+    "mergekit-yaml; those that change what is valid (--allow-crimes, --unsafe-truncate-embeddings, "
+    "--lora-merge-cache, ...) act as in the merge."
+)
+
+
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m mergekit_sigmoid_diff inspect",
-        description="Report, per layer and tensor kind, how much of the donor diff a sigmoid_diff "
-        "recipe applies, without merging (streams the models tensor by tensor).",
-    )
-    parser.add_argument("recipe", type=Path, help="a mergekit YAML recipe with merge_method: sigmoid_diff")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ./<recipe name>-inspect)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(list(argv))
-    out = args.out or Path.cwd() / f"{args.recipe.stem}-inspect"
-    with reported():
-        run(args.recipe, out, quiet=args.quiet)
+    try:
+        _command().main(args=list(argv), prog_name="python -m mergekit_sigmoid_diff inspect")
+    except SystemExit as done:  # click exits even on success; return then, as before
+        if done.code not in (0, None):
+            raise
 
 
 __all__ = ["TensorReport", "inspect_recipe", "main", "run", "summarize", "tensor_kind", "tensor_report"]

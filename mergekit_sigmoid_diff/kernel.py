@@ -49,14 +49,13 @@ from typing import Any, Literal, Mapping, NamedTuple, Optional, Sequence, get_ar
 
 import torch
 
-from mergekit_sigmoid_diff import subspace
+from mergekit_sigmoid_diff import gate_rules, subspace
 
 from mergekit_sigmoid_diff.normalization import (
     DEFAULT_NORMALIZE,
     DEFAULT_QUANTILE,
     NORMALIZATIONS,
     Gate,
-    check_normalize,
     make_gate,
     sample_drift,
     sample_of,
@@ -104,17 +103,16 @@ class GateSettings:
     protect_energy: float = DEFAULT_PROTECT_ENERGY
 
     def __post_init__(self) -> None:
-        if not self.steepness > 0:
-            raise ValueError(f"steepness={self.steepness!r}: expected a number > 0")
-        if not 0.0 <= self.midpoint <= 1.0:
-            raise ValueError(f"midpoint={self.midpoint!r}: expected a value in [0, 1]")
-        if not self.eps >= 0:
-            raise ValueError(f"eps={self.eps!r}: expected a number >= 0")
-        check_normalize(self.normalize, self.quantile)
-        if self.protect_subspace not in PROTECT_OPTIONS:
-            raise ValueError(f"protect_subspace={self.protect_subspace!r}: expected one of {', '.join(PROTECT_OPTIONS)}")
-        if not 0.0 <= self.protect_energy <= 1.0:
-            raise ValueError(f"protect_energy={self.protect_energy!r}: expected a share in [0, 1]")
+        # the numeric rules live in gate_rules; the recipe checks (method's types) apply the same
+        for item in fields(self):
+            value = getattr(self, item.name)
+            reason = gate_rules.problem(item.name, value)
+            if reason is not None:
+                raise ValueError(f"{item.name}={value!r}: {reason}")
+        # the options are the Literals the recipe types are made of
+        for name, options in (("normalize", NORMALIZATIONS), ("protect_subspace", PROTECT_OPTIONS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(options)}")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> "GateSettings":

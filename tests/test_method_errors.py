@@ -42,9 +42,9 @@ CASES = {
         {**recipe(), "models": [{"model": "/models/target", "parameters": {"role": "target"}}]},
         r"has a target \(/models/target\) but no donor model",
     ),
-    "steepness zero": (recipe(parameters={"steepness": 0}), r"parameter steepness=0 in the top-level parameters: .*greater than 0"),
+    "steepness zero": (recipe(parameters={"steepness": 0}), r"parameter steepness=0 in the top-level parameters: expected a finite number > 0$"),
     "steepness negative in gradient": (recipe(parameters={"steepness": [12, -1]}), r"parameter steepness=-1"),
-    "midpoint above 1": (recipe(parameters={"midpoint": 1.5}), r"parameter midpoint=1.5 .*less than or equal to 1"),
+    "midpoint above 1": (recipe(parameters={"midpoint": 1.5}), r"parameter midpoint=1.5 .*: expected a number in \[0, 1\]$"),
     "midpoint below 0 in filter": (
         recipe(parameters={"midpoint": [{"filter": "mlp", "value": -0.1}, {"value": 0.5}]}),
         r"parameter midpoint=-0.1",
@@ -62,7 +62,7 @@ CASES = {
         recipe(parameters={"protect_subspace": "sideways"}),
         r"parameter protect_subspace='sideways' in the top-level parameters: .*'none', 'input', 'output' or 'both'",
     ),
-    "protect_energy above 1": (recipe(parameters={"protect_energy": [0.5, 1.2]}), r"parameter protect_energy=1.2 .*less than or equal to 1"),
+    "protect_energy above 1": (recipe(parameters={"protect_energy": [0.5, 1.2]}), r"parameter protect_energy=1.2 .*: expected a number in \[0, 1\]$"),
     "role on the base": (
         {**recipe(), "models": recipe()["models"] + [{"model": "/models/base", "parameters": {"role": "donor"}}]},
         r"base_model /models/base is the common ancestor and takes no role",
@@ -111,3 +111,38 @@ def test_non_finite_input_names_tensor_and_model(culprit, bad):
             name="model.layers.0.mlp.up_proj.weight",
             parameters={"role": {"target-model": "target", "donor-model": "donor"}},
         )
+
+
+# --- one rule for the gate parameters: GateSettings and the recipe checks agree ----------------
+
+# (parameter, value, valid?) written from the documented ranges, not read from the code:
+# steepness > 0 finite; midpoint, protect_energy in [0, 1]; eps >= 0 finite; quantile in (0, 1]
+GATE_VALUES = [
+    ("steepness", 12.0, True), ("steepness", 1e-9, True), ("steepness", 0.0, False), ("steepness", -1.0, False),
+    ("steepness", math.inf, False), ("steepness", math.nan, False),
+    ("midpoint", 0.0, True), ("midpoint", 1.0, True), ("midpoint", -0.01, False), ("midpoint", 1.01, False),
+    ("midpoint", math.nan, False),
+    ("eps", 0.0, True), ("eps", 1e-6, True), ("eps", -1e-9, False), ("eps", math.inf, False), ("eps", math.nan, False),
+    ("quantile", 1.0, True), ("quantile", 0.5, True), ("quantile", 0.0, False), ("quantile", 1.5, False),
+    ("quantile", math.nan, False),
+    ("protect_energy", 0.0, True), ("protect_energy", 1.0, True), ("protect_energy", 1.2, False),
+    ("protect_energy", -0.1, False), ("protect_energy", math.inf, False),
+]
+
+
+@pytest.mark.parametrize("name, value, valid", GATE_VALUES, ids=[f"{n}={v}" for n, v, _ in GATE_VALUES])
+def test_gate_settings_and_recipe_checks_apply_one_rule(name, value, valid):
+    from mergekit_sigmoid_diff.kernel import GateSettings
+
+    config = MergeConfiguration.model_validate(recipe(parameters={name: value}))
+    if valid:
+        GateSettings(**{name: value})
+        check_recipe(config)
+        return
+    with pytest.raises(ValueError) as in_kernel:
+        GateSettings(**{name: value})
+    with pytest.raises(SigmoidDiffError) as in_recipe:
+        check_recipe(config)
+    kernel_reason = str(in_kernel.value).split(": ", 1)[1]
+    assert str(in_recipe.value).endswith(f": {kernel_reason}")  # the same reason, word for word
+    assert kernel_reason.startswith("expected ")
