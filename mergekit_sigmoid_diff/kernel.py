@@ -32,20 +32,43 @@ All knobs travel together as one :class:`GateSettings`.
 Arithmetic is float32 (float64 if any input is float64) whatever the input dtype; the
 result is returned in that compute dtype unless ``out_dtype`` says otherwise.
 
-Memory and speed (the element-wise gate): the tensor is processed in chunks of CHUNK elements along its flat
+Memory and speed (the element-wise gate): the tensor is processed in chunks along its flat
 storage, in two passes. Pass 1 reads T and B for min and max of |T − B|; pass 2 computes
 the gate and the output chunk by chunk, writing straight into the output tensor (cast to
 ``out_dtype`` as it is written). The upcast copies, the drift and the accumulator exist for
-one chunk at a time (five buffers of CHUNK elements, 1.25 MiB in float32), so beyond its
-inputs the kernel holds only the output, on the inputs' device. Measured on bf16 Llama
-tensors this costs no more CPU than mergekit's own bf16 ``task_arithmetic`` kernel
-(``scripts/benchmark_speed.py``).
+one chunk at a time (five scratch buffers of one chunk each, in the compute dtype), so
+beyond its inputs the kernel holds only the output, on the inputs' device:
+
+- CPU: chunks of ``CHUNK`` = 2**17 elements, i.e. 5 × 512 KiB = 2.5 MiB of float32 scratch
+  (5 MiB in float64), and the chunk loop runs with torch's intra-op threads set to 1
+  (:func:`single_threaded`; restored afterwards).
+- CUDA and other accelerators: chunks of ``DEVICE_CHUNK`` = 2**24 elements, i.e.
+  5 × 64 MiB = 320 MiB of float32 scratch (640 MiB in float64) at most, whatever the
+  tensor's size (an 8B model's 128256 × 4096 embedding is 32 chunks, not 5 × 2.1 GB).
+
+Why one thread on CPU (measured on one 2048 × 5504 bf16 tensor, 2-core machine with another
+single-threaded job on the second core, ``scripts/benchmark_speed.py`` has the merge-level
+figures): every torch op on more than 32768 elements (``at::internal::GRAIN_SIZE``) is an
+OpenMP parallel region, and the two passes make ~17 ops per chunk, ~3000 regions per tensor
+at the former 64 K-element chunks. Each region waits for its slowest thread, so when the
+cores are shared with another process the regions, not the arithmetic, set the time: with
+torch's default 2 threads the kernel took 8.9 s (median; task_arithmetic's whole-tensor ops
+93 ms) beside the single-threaded job alone, and 13.7 s (vs 170 ms) with a second process
+running 512 × 512 matmuls too; 4 M-element chunks still took 0.94 s vs 0.24 s. With one
+thread there are no regions: 64 K / 128 K / 256 K / 512 K-element chunks took
+105 / 82 / 79 / 77 ms (task_arithmetic 71 ms on one thread), 32 K chunks (the largest that
+stays below the grain size, so that no global setting would be needed) 84–131 ms, the
+per-op overhead showing. Setting the thread count costs < 1 µs. Elementwise work is
+memory-bound, so a second thread would gain little on an idle machine and loses by orders
+of magnitude on a busy one.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping, NamedTuple, Optional, Sequence, get_args
+from typing import Any, Iterator, Literal, Mapping, NamedTuple, Optional, Sequence, get_args
 
 import torch
 
@@ -64,10 +87,14 @@ from mergekit_sigmoid_diff.normalization import (
 DEFAULT_STEEPNESS = 12.0
 DEFAULT_MIDPOINT = 0.5
 DEFAULT_EPS = 1e-6
-# Elements per chunk: 2**16 float32 = 256 KiB per scratch buffer. The buffers an operation
-# touches stay in a 2 MiB L2 cache, and torch's ~5 µs overhead per call stays a small
-# share; 2**15, 2**17 and 2**18 measured no faster on bf16 Llama tensors.
-CHUNK = 1 << 16
+# Elements per chunk on CPU: 2**17 float32 = 512 KiB per scratch buffer (5 buffers: 2.5 MiB).
+# One thread, per chunk: 2**15 costs ~30 % more (torch's few µs per call, ~17 calls per chunk),
+# 2**17 to 2**19 measured alike (see the module docstring), and the scratch stays cache-sized.
+CHUNK = 1 << 17
+# Elements per chunk on CUDA and other accelerators: 2**24 float32 = 64 MiB per buffer, at
+# most 320 MiB of scratch; a chunk is large enough to fill a GPU (a few kernel launches per
+# ~16 M elements), while an 8B embedding would otherwise need 5 × 2.1 GB of float32 scratch.
+DEVICE_CHUNK = 1 << 24
 
 Protect = Literal["none", "input", "output", "both"]
 PROTECT_OPTIONS: tuple[str, ...] = get_args(Protect)
@@ -134,6 +161,7 @@ DEFAULT_SETTINGS = GateSettings()
 
 __all__ = [
     "CHUNK",
+    "DEVICE_CHUNK",
     "DEFAULT_SETTINGS",
     "GateSettings",
     "DEFAULT_EPS",
@@ -148,6 +176,7 @@ __all__ = [
     "donor_diff",
     "protected_diff",
     "sigmoid_diff",
+    "single_threaded",
 ]
 
 
@@ -233,10 +262,18 @@ def sigmoid_diff(
     out = torch.empty(numel, dtype=out_dtype or dtype, device=target.device)
     if numel == 0:
         return out.view(target.shape)
-    # On CPU, chunks keep the scratch in cache; on an accelerator whole-tensor ops are cheaper.
-    chunk = CHUNK if target.device.type == "cpu" else numel
+    on_cpu = target.device.type == "cpu"
+    chunk = CHUNK if on_cpu else DEVICE_CHUNK  # the memory bound; see the module docstring
     starts = range(0, numel, chunk)
-    scratch = _Scratch(min(chunk, numel), dtype, target.device)
+    with single_threaded(on_cpu):
+        _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, chunk, dtype, check_finite)
+    return out.view(target.shape)
+
+
+def _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, chunk, dtype, check_finite) -> None:
+    """Both passes of the element-wise path over ``starts``, writing ``out`` (flat)."""
+    numel = t.numel()
+    scratch = _Scratch(min(chunk, numel), dtype, t.device)
 
     fraction_gate: Optional[Gate] = None
     if mode == "elementwise":
@@ -271,7 +308,6 @@ def sigmoid_diff(
             torch.aminmax(written, out=(written_ranges[index, 0], written_ranges[index, 1]))
     if written_ranges is not None and not torch.isfinite(written_ranges).all():
         raise NonFiniteError("output holds NaN or Inf")
-    return out.view(target.shape)
 
 
 def donor_diff(
@@ -322,6 +358,36 @@ def _projected(base, target, donors, weights, settings, out_dtype, check_finite)
     if check_finite and not torch.isfinite(out).all():
         raise NonFiniteError("output holds NaN or Inf")
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
+
+
+_threads_lock = threading.Lock()
+_threads_state = {"depth": 0, "saved": 1}
+
+
+@contextmanager
+def single_threaded(active: bool = True) -> Iterator[None]:
+    """Run the body with torch's intra-op threads set to 1, then restore the count.
+
+    Nested and concurrent uses are counted: the first entry saves the count, the last exit
+    restores it. ``active=False`` does nothing (accelerator inputs). Other threads of the
+    process running torch ops meanwhile run them single-threaded too.
+    """
+    if not active:
+        yield
+        return
+    with _threads_lock:
+        if _threads_state["depth"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+            if _threads_state["saved"] > 1:
+                torch.set_num_threads(1)
+        _threads_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_state["depth"] -= 1
+            if _threads_state["depth"] == 0 and _threads_state["saved"] > 1:
+                torch.set_num_threads(_threads_state["saved"])
 
 
 class _Buffers(NamedTuple):

@@ -89,18 +89,23 @@ class LlamaShape:
         )
 
 
-DRIFTS = ("heavy-tailed", "low-rank")
+DRIFTS = ("heavy-tailed", "low-rank", "power-law")
+POWER_LAW_NOISE = 0.1  # share of ‖T − B‖² in Gaussian noise for ``--drift power-law``
 
 
-def _low_rank_drift(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+def _low_rank_drift(shape: tuple[int, int], generator: torch.Generator, noise: float = 0.0) -> torch.Tensor:
     """G₁ diag(s) G₂ᵀ with Gaussian factors and s_i² = 1 / (i + 1): half of the energy lies in
     about the top √min(m, n) directions, as in a fine-tune's update (a decaying spectrum),
-    scaled to an RMS of 0.001."""
+    plus Gaussian noise holding ``noise`` of the squared norm (``power-law``: 10 %, so that
+    about 46 of 2048 directions hold half the energy), scaled to an RMS of 0.001."""
     m, n = shape
     k = min(m, n)
     scale = torch.arange(1, k + 1, dtype=torch.float32).rsqrt_()
     left = torch.randn(m, k, generator=generator).mul_(scale)
     drift = left @ torch.randn(k, n, generator=generator)
+    if noise > 0:
+        drift.mul_((1 - noise) ** 0.5 / drift.square().mean().sqrt())
+        drift.add_(torch.randn(m, n, generator=generator), alpha=noise**0.5)
     return drift.mul_(0.001 / drift.square().mean().sqrt())
 
 
@@ -108,13 +113,14 @@ def _synthetic_weights(name: str, shape: tuple[int, ...], seed: int, drift_kind:
     """(B, T, I) in bf16: B ~ N(0, 0.02²) (norms 1 + that), I = B + N(0, 0.001²), and
     T = B + (0.002 / 3)·t₂ with t₂ Student-t with 2 d.o.f. (``heavy-tailed``: median
     |drift| ≈ 0.0005, a few elements far larger; full rank, the hardest case for a truncated
-    SVD), or for 2-D weights a decaying spectrum (``low-rank``, :func:`_low_rank_drift`)."""
+    SVD), or for 2-D weights a decaying spectrum (``low-rank``, :func:`_low_rank_drift`), or
+    that spectrum plus 10 % noise energy (``power-law``)."""
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator).mul_(0.02)
     if name.endswith("norm.weight"):
         base.add_(1.0)
-    if drift_kind == "low-rank" and len(shape) == 2:
-        drift = _low_rank_drift(shape, generator)
+    if drift_kind in ("low-rank", "power-law") and len(shape) == 2:
+        drift = _low_rank_drift(shape, generator, POWER_LAW_NOISE if drift_kind == "power-law" else 0.0)
     else:
         drift = torch.randn(shape, generator=generator)
         drift.div_(torch.rand(shape, generator=generator).clamp_min_(1e-12).log_().neg_().sqrt_()).mul_(0.002 / 3)
