@@ -120,7 +120,10 @@ def with_lora_cache(merge_config: Any, options: Any) -> Any:
 # ``from_pretrained(torch_dtype=...)`` (a transformers log line), and the
 # ``peft.PeftModel.from_pretrained`` it calls reads ``model.is_gradient_checkpointing`` (a
 # FutureWarning). Neither is our call; both are silenced, exactly, while our merges run.
-MERGEKIT_LORA_LOG = ("transformers.modeling_utils", "`torch_dtype` is deprecated! Use `dtype` instead!")
+MERGEKIT_LORA_LOG = (
+    ("transformers.configuration_utils", "transformers.modeling_utils"),  # the loggers that say it
+    "`torch_dtype` is deprecated! Use `dtype` instead!",
+)
 MERGEKIT_LORA_WARNING = (FutureWarning, r"`is_gradient_checkpointing` is deprecated")
 
 
@@ -136,16 +139,18 @@ class _DropMessage(logging.Filter):
 @contextmanager
 def mergekit_lora_notices_silenced() -> Iterator[None]:
     """Drop exactly :data:`MERGEKIT_LORA_LOG` and :data:`MERGEKIT_LORA_WARNING` (see there)."""
-    logger_name, message = MERGEKIT_LORA_LOG
-    logger, drop = logging.getLogger(logger_name), _DropMessage(message)
+    logger_names, message = MERGEKIT_LORA_LOG
+    loggers, drop = [logging.getLogger(name) for name in logger_names], _DropMessage(message)
     category, pattern = MERGEKIT_LORA_WARNING
-    logger.addFilter(drop)
+    for logger in loggers:
+        logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=pattern, category=category)
             yield
     finally:
-        logger.removeFilter(drop)
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 @contextmanager

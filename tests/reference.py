@@ -76,3 +76,27 @@ def reference_transfer(
         return target.double() + projected_diff(base, target, total, side, knobs.get("protect_energy", 0.5))
     gate = {k: knobs[k] for k in ("steepness", "midpoint", "eps") if k in knobs}
     return published_formula(base, target, donors, weights, **gate)
+
+
+def reference_stats(base, target, donors, weights, steepness, midpoint, eps, gate) -> dict[str, float]:
+    """inspect's per-tensor definitions (inspection's module docstring), in float64, written
+    independently of the kernel: f = 1 − sigmoid(k·(x − m)) with x the min/max-normalised drift."""
+    b, t = base.double(), target.double()
+    d = sum(w * (i.double() - b) for i, w in zip(donors, weights))
+    drift = (t - b).abs()
+    span = (drift.max() - drift.min()).item()
+    if not gate or span < eps:
+        f = torch.ones_like(drift)
+    else:
+        x = (drift - drift.min()) / span
+        f = 1.0 - 1.0 / (1.0 + torch.exp(-steepness * (x - midpoint)))
+    energy = (d * d).sum().item()
+    return {
+        "applied_fraction": f.mean().item(),
+        "weighted_fraction": (f * d * d).sum().item() / energy if energy else None,
+        "target_drift_mean": drift.mean().item(),
+        "target_drift_max": drift.max().item(),
+        "donor_diff_mean": d.abs().mean().item(),
+        "donor_diff_max": d.abs().max().item(),
+        "donor_energy": energy,
+    }

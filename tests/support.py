@@ -75,6 +75,41 @@ def run_mergekit_yaml(
     )
 
 
+def save_lora_adapter(model: Path, out: Path, *, targets: tuple[str, ...] = ("q_proj",), rank: int = 2, seed: int = 0) -> Path:
+    """A seeded PEFT LoRA adapter for ``model`` whose ``lora_B`` is not zero, so that it
+    changes exactly the ``targets`` projections; saved to ``out``."""
+    import warnings
+
+    import peft
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM.from_pretrained(model)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    with warnings.catch_warnings():
+        # peft.get_peft_model reads model.is_gradient_checkpointing, which transformers 5
+        # deprecates: peft's call, not ours; exactly that warning is silenced
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        adapter = peft.get_peft_model(base, config)
+    adapter.save_pretrained(out)
+    return Path(out)
+
+
+def lora_delta(adapter: Path) -> dict[str, torch.Tensor]:
+    """tensor name -> the change a saved LoRA adapter makes to it, (alpha / r) · B A in float64,
+    read from ``adapter_config.json`` and ``adapter_model.safetensors`` (not through peft)."""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    weights = load_file(Path(adapter) / "adapter_model.safetensors")
+    deltas = {}
+    for key, a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        name = key.replace("base_model.model.", "", 1).replace(".lora_A.weight", ".weight")
+        deltas[name] = scale * (b.double() @ a.double())
+    return deltas
+
+
 def load_model_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder (one or more safetensors shards)."""
     tensors: dict[str, torch.Tensor] = {}

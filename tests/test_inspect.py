@@ -20,31 +20,8 @@ from safetensors import safe_open
 from mergekit_sigmoid_diff import cli, inspection, kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.tiny import save_state, tiny_config
-from tests.reference import projected_diff
+from tests.reference import projected_diff, reference_stats
 from tests.support import EXEMPT_VOCAB_AND_NORMS, load_model_tensors, one_donor_recipe, write_recipe
-
-
-def reference_stats(base, target, donors, weights, steepness, midpoint, eps, gate) -> dict[str, float]:
-    """The module docstring's definitions, in float64, written independently of the kernel."""
-    b, t = base.double(), target.double()
-    d = sum(w * (i.double() - b) for i, w in zip(donors, weights))
-    drift = (t - b).abs()
-    span = (drift.max() - drift.min()).item()
-    if not gate or span < eps:
-        f = torch.ones_like(drift)
-    else:
-        x = (drift - drift.min()) / span
-        f = 1.0 - 1.0 / (1.0 + torch.exp(-steepness * (x - midpoint)))
-    energy = (d * d).sum().item()
-    return {
-        "applied_fraction": f.mean().item(),
-        "weighted_fraction": (f * d * d).sum().item() / energy,
-        "target_drift_mean": drift.mean().item(),
-        "target_drift_max": drift.max().item(),
-        "donor_diff_mean": d.abs().mean().item(),
-        "donor_diff_max": d.abs().max().item(),
-        "donor_energy": energy,
-    }
 
 
 def read_tensor(folder: Path, name: str) -> torch.Tensor:
