@@ -100,3 +100,40 @@ def reference_stats(base, target, donors, weights, steepness, midpoint, eps, gat
         "donor_diff_max": d.abs().max().item(),
         "donor_energy": energy,
     }
+
+
+def applied_fraction(
+    drift: torch.Tensor,
+    normalize: str = "minmax",
+    quantile: float = 0.99,
+    steepness: float = 12.0,
+    midpoint: float = 0.5,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """1 − ratio per element of ``drift = |T − B|``, in float64, written from the definitions in
+    normalization.py's docstring (exact statistics over the whole tensor, no sample):
+
+    - minmax: x = (d − lo) / (hi − lo);
+    - quantile: Q = the p-quantile (linear interpolation), Q = hi at p = 1; s = Q − lo, or
+      hi − lo when Q − lo < eps or Q = lo; x = min(1, (d − lo) / s);
+    - rank: x = min(1, #{j : bin(d_j) < bin(d)} / (N − 1)), bin = the float32 bit pattern
+      without its sign bit, shifted right by 15 (exponent and first 8 significand bits);
+    - hi − lo < eps or hi = lo: the whole diff (1 everywhere).
+    """
+    d = drift.double().flatten()
+    lo, hi = d.min().item(), d.max().item()
+    if hi - lo < eps or hi == lo:
+        return torch.ones_like(drift, dtype=torch.float64)
+    if normalize == "minmax":
+        x = (d - lo) / (hi - lo)
+    elif normalize == "quantile":
+        q = hi if quantile == 1.0 else torch.quantile(d, quantile).item()
+        scale = hi - lo if (q - lo < eps or q == lo) else q - lo
+        x = ((d - lo) / scale).clamp(max=1.0)
+    elif normalize == "rank":
+        bins = (d.float().view(torch.int32) & 0x7FFFFFFF) >> 15
+        below = torch.searchsorted(bins.sort().values, bins, side="left")  # how many bins are lower
+        x = (below.double() / (d.numel() - 1)).clamp(max=1.0)
+    else:
+        raise ValueError(normalize)
+    return torch.sigmoid(-steepness * (x - midpoint)).reshape(drift.shape)

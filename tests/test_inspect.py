@@ -20,6 +20,7 @@ from safetensors import safe_open
 from mergekit_sigmoid_diff import cli, inspection, kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.tiny import save_state, tiny_config
+from tests.reference import applied_fraction as reference_fraction
 from tests.reference import projected_diff, reference_stats
 from tests.support import EXEMPT_VOCAB_AND_NORMS, load_model_tensors, one_donor_recipe, write_recipe
 
@@ -210,9 +211,9 @@ def test_the_recipes_normalize_option_reaches_the_kernel(triple2, tmp_path):
     name = "model.layers.1.mlp.gate_proj.weight"
     (r,) = [r for r in reports if r.name == name]
     assert r.parameters["normalize"] == "rank"
-    drift = lambda: (read_tensor(triple2["target"], name) - read_tensor(triple2["base"], name)).abs()
-    ranked = kernel.applied_fraction_(drift(), kernel.GateSettings(normalize="rank")).mean().item()
-    minmax = kernel.applied_fraction_(drift()).mean().item()
+    drift = (read_tensor(triple2["target"], name).double() - read_tensor(triple2["base"], name).double()).abs()
+    ranked = reference_fraction(drift, "rank").mean().item()  # the definition, not the kernel
+    minmax = reference_fraction(drift, "minmax").mean().item()
     assert r.applied_fraction == pytest.approx(ranked, rel=1e-6)
     assert abs(ranked - minmax) > 1e-3  # the option changes the answer, so the check means something
 
@@ -251,3 +252,28 @@ def test_without_matplotlib_inspect_writes_the_json_and_says_how_to_get_the_heat
     assert (tmp_path / "report" / "inspect.json").is_file()
     assert not (tmp_path / "report" / "inspect-heatmap.png").exists()
     assert "pip install 'mergekit-sigmoid-diff[plot]'" in capsys.readouterr().out
+
+
+def test_heatmap_colour_scale_spans_the_values_present():
+    """The rule of docs/inspect.md: min to max of the values present, at least 0.01 wide, in [0, 1]."""
+    assert inspection.colour_range([0.2, None, 0.9, 0.5]) == (0.2, 0.9)
+    lo, hi = inspection.colour_range([0.991, 0.993, None])
+    assert hi - lo == pytest.approx(0.01) and lo <= 0.991 and hi >= 0.993
+    lo, hi = inspection.colour_range([1.0, 1.0])
+    assert hi <= 1.0 and hi - lo == pytest.approx(0.01)
+    assert inspection.colour_range([None, None]) == (0.0, 1.0)
+
+
+def test_tensors_with_no_donor_diff_are_marked_and_left_out_of_the_averages():
+    base = torch.zeros(4, 8)
+    target = torch.linspace(0, 1, 32).reshape(4, 8)
+    moved = inspection.tensor_report("model.layers.0.self_attn.q_proj.weight", base, target, [base + 0.1], [1.0], kernel.GateSettings())
+    still = inspection.tensor_report("model.layers.0.self_attn.k_proj.weight", base, target, [base.clone()], [1.0], kernel.GateSettings())
+    assert not moved.donor_unchanged and still.donor_unchanged and still.weighted_fraction is None
+    summary = inspection.summarize([moved, still])
+    assert summary["applied_fraction_overall"] == pytest.approx(moved.applied_fraction)  # not the mean of both
+    assert summary["by_kind"]["k"]["applied_fraction"] is None and summary["by_kind"]["k"]["donor_unchanged"] == 1
+    row = summary["rows"].index("0")
+    k, q = summary["kinds"].index("k"), summary["kinds"].index("q")
+    assert summary["donor_unchanged_grid"][row][k] and not summary["donor_unchanged_grid"][row][q]
+    assert "D=0" in inspection.format_tables(summary)

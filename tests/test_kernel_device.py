@@ -18,6 +18,7 @@ import torch
 
 from mergekit_sigmoid_diff.kernel import GateSettings, sigmoid_diff
 from mergekit_sigmoid_diff.normalization import NORMALIZATIONS, SAMPLE_SIZE
+from tests.reference import applied_fraction as reference_fraction
 from tests.reference import published_formula
 
 DEVICES = [
@@ -28,10 +29,10 @@ DEVICES = [
 ]
 
 
-def inputs(device: str) -> list[torch.Tensor]:
-    """bf16 base, heavy-tailed target and two donors, big enough to be chunked and sampled."""
+def inputs(device: str, rows: int = 2 * SAMPLE_SIZE // 128 + 5) -> list[torch.Tensor]:
+    """bf16 base, heavy-tailed target and two donors, by default big enough to be chunked and sampled."""
     generator = torch.Generator().manual_seed(11)
-    shape = (2 * SAMPLE_SIZE // 128 + 5, 128)
+    shape = (rows, 128)
     base = torch.randn(shape, generator=generator)
     target = base + 0.01 * torch.randn(shape, generator=generator) ** 3
     donors = [base + 0.01 * torch.randn(shape, generator=generator) for _ in range(2)]
@@ -53,6 +54,26 @@ def test_the_result_follows_the_inputs_device(device, normalize):
             GateSettings(normalize=normalize), out_dtype=torch.bfloat16,
         )
         torch.testing.assert_close(out.cpu(), reference, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize", ["quantile", "rank"])
+def test_the_robust_options_give_the_defined_fraction_on_the_device(device, normalize):
+    """Values, not only device and dtype: the fraction each element got, read back from a
+    float32 output as (out − T) / D, against the definition computed in float64
+    (tests/reference.py). SAMPLE_SIZE elements: the kernel's statistics are exact there (a
+    larger tensor's sampled statistics are checked in test_kernel_normalize.py)."""
+    base, target, *donors = inputs(device, rows=SAMPLE_SIZE // 128)
+    out = sigmoid_diff(base, target, donors, [0.5, 1.0], GateSettings(normalize=normalize, quantile=0.9), out_dtype=torch.float32)
+    assert out.device.type == device
+    b, t, *i = (x.cpu().double() for x in (base, target, *donors))
+    diff = 0.5 * (i[0] - b) + 1.0 * (i[1] - b)
+    usable = diff.abs() > 1e-3  # where the fraction can be read back precisely
+    got = ((out.cpu().double() - t) / diff)[usable]
+    want = reference_fraction((t - b).abs(), normalize, quantile=0.9)[usable]
+    error = (got - want).abs()
+    assert error.max() < 1e-4, error.max().item()
+    assert want.std() > 0.05  # the gate varies across elements, so matching it means something
 
 
 MEMORY_PROBE = textwrap.dedent(

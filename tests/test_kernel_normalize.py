@@ -19,6 +19,7 @@ from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.kernel import GateSettings, NonFiniteError, applied_fraction_, sigmoid_diff
 from mergekit_sigmoid_diff.normalization import NORMALIZATIONS, SAMPLE_SIZE, sample_quantile
 from mergekit_sigmoid_diff.plugin import register
+from tests.reference import applied_fraction as reference_fraction
 
 K, M = 12.0, 0.5
 
@@ -215,8 +216,13 @@ def test_the_merge_method_passes_the_options_and_keeps_the_input_dtype(normalize
         parameters={"role": ["target", "donor"], "normalize": normalize, "quantile": 0.9},
     )
     assert out.dtype == torch.bfloat16
-    expected = sigmoid_diff(base, target, [donor], [1.0], GateSettings(normalize=normalize, quantile=0.9))
-    assert torch.equal(out, expected.bfloat16())
+    # the definitions in float64 (tests/reference.py), not the kernel; one bf16 rounding apart
+    b, t, i = base.double(), target.double(), donor.double()
+    expected = t + reference_fraction((t - b).abs(), normalize, quantile=0.9) * (i - b)
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-6)
+    # and the option matters: each option's reference is off the others'
+    others = [t + reference_fraction((t - b).abs(), o, quantile=0.9) * (i - b) for o in NORMALIZATIONS if o != normalize]
+    assert all((out.double() - other).abs().max() > 1e-2 for other in others)
 
 
 def test_the_merge_method_names_the_model_with_nan_under_rank():
