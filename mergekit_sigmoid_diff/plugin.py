@@ -119,7 +119,8 @@ def with_lora_cache(merge_config: Any, options: Any) -> Any:
 # reference into the LoRA cache, makes transformers and peft print: it calls
 # ``from_pretrained(torch_dtype=...)`` (a transformers log line), and the
 # ``peft.PeftModel.from_pretrained`` it calls reads ``model.is_gradient_checkpointing`` (a
-# FutureWarning). Neither is our call; both are silenced, exactly, while our merges run.
+# FutureWarning; ``peft.get_peft_model`` reads it too). Neither is our call; both are
+# silenced, exactly, while our merges run (and where our scripts call peft).
 MERGEKIT_LORA_LOG = (
     ("transformers.configuration_utils", "transformers.modeling_utils"),  # the loggers that say it
     "`torch_dtype` is deprecated! Use `dtype` instead!",
@@ -137,7 +138,7 @@ class _DropMessage(logging.Filter):
 
 
 @contextmanager
-def mergekit_lora_notices_silenced() -> Iterator[None]:
+def lora_notices_silenced() -> Iterator[None]:
     """Drop exactly :data:`MERGEKIT_LORA_LOG` and :data:`MERGEKIT_LORA_WARNING` (see there)."""
     logger_names, message = MERGEKIT_LORA_LOG
     loggers, drop = [logging.getLogger(name) for name in logger_names], _DropMessage(message)
@@ -172,7 +173,7 @@ def checked(
     transfer = preflight.check_recipe(merge_config)
     with ExitStack() as stack:
         if any(m.lora is not None for m in merge_config.referenced_models()):
-            stack.enter_context(mergekit_lora_notices_silenced())
+            stack.enter_context(lora_notices_silenced())
         stage = stack.enter_context(staging.staged_output(out_path)) if out_path is not None else None
         stack.enter_context(plan.active(transfer))
         preflight.check_models(merge_config, options)

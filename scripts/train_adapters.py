@@ -86,7 +86,10 @@ def lora_model(base: Path, settings: dict, seed: int):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    from mergekit_sigmoid_diff.plugin import lora_notices_silenced
+
+    with lora_notices_silenced():  # peft.get_peft_model reads a name transformers 5 deprecates
+        return get_peft_model(model, config)
 
 
 def train(model, settings: dict, lr: float, steps: int, next_batch, pad: int, label: str) -> list[float]:

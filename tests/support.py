@@ -76,17 +76,14 @@ def run_mergekit_yaml(
 def save_lora_adapter(model: Path, out: Path, *, targets: tuple[str, ...] = ("q_proj",), rank: int = 2, seed: int = 0) -> Path:
     """A seeded PEFT LoRA adapter for ``model`` whose ``lora_B`` is not zero, so that it
     changes exactly the ``targets`` projections; saved to ``out``."""
-    import warnings
-
     import peft
+
+    from mergekit_sigmoid_diff.plugin import lora_notices_silenced
 
     torch.manual_seed(seed)
     base = LlamaForCausalLM.from_pretrained(model)
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
-    with warnings.catch_warnings():
-        # peft.get_peft_model reads model.is_gradient_checkpointing, which transformers 5
-        # deprecates: peft's call, not ours; exactly that warning is silenced
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with lora_notices_silenced():  # peft.get_peft_model reads a name transformers 5 deprecates
         adapter = peft.get_peft_model(base, config)
     adapter.save_pretrained(out)
     return Path(out)

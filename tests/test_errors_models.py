@@ -24,7 +24,7 @@ from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.plugin import activate
 from mergekit_sigmoid_diff.preflight import check_models
 from mergekit_sigmoid_diff.tiny import build_triple, save_state, tiny_config, tiny_tokenizer
-from tests.support import assert_left_nothing, looks_finished, merge_in_process, run_mergekit_yaml
+from tests.support import assert_left_nothing, looks_finished, merge_in_process, run_mergekit_yaml, save_lora_adapter
 
 activate()
 
@@ -179,10 +179,7 @@ def test_tied_embeddings_in_a_donor_are_not_a_missing_lm_head(zoo, tmp_path):
 
 
 def test_lora_donor_is_checked_through_its_model(zoo, tmp_path):
-    peft = pytest.importorskip("peft")
-    model = LlamaForCausalLM.from_pretrained(zoo["donor"])
-    adapter = tmp_path / "adapter"
-    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    adapter = save_lora_adapter(zoo["donor"], tmp_path / "adapter")
     options = MergeOptions(lora_merge_cache=str(tmp_path / "lora_cache"))
 
     good = MergeConfiguration.model_validate(recipe(zoo, donor=f"{zoo['donor']}+{adapter}"))

@@ -409,9 +409,12 @@ def chat_adapter(family, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor
     """A seeded rank-4 LoRA on q/v projections of the base; returns it and the merged weights."""
     from peft import LoraConfig, get_peft_model
 
+    from mergekit_sigmoid_diff.plugin import lora_notices_silenced
+
     torch.manual_seed(11)
     model = AutoModelForCausalLM.from_pretrained(family["base"])
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with lora_notices_silenced():  # peft.get_peft_model reads a name transformers 5 deprecates
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:  # peft starts lora_B at zero: make the adapter do something

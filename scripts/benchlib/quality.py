@@ -1,5 +1,7 @@
 """The quality benchmark runner: train (or reuse) each seed's models, merge with real
-mergekit, score every merge, and cache every score by a hash of what produced it.
+mergekit, score every merge, and cache every score by a hash of what produced it: the
+settings, and the source of the code (:func:`score_code`, :func:`merge_code`), so a rerun
+after a change to the scoring or the kernel computes afresh.
 
 For each seed and donor: score the references (base, target, donor, ceiling), then
 each variant of :mod:`~benchlib.recipes`. A sigmoid-family merge
@@ -31,6 +33,7 @@ from safetensors.torch import load_file
 from benchlib import recipes as r
 from benchlib import scoring, training
 from benchlib import world as w
+from mergekit_sigmoid_diff.codekey import MERGE_MATH, code_key, package_sources
 from mergekit_sigmoid_diff.commands import mergekit_command
 from mergekit_sigmoid_diff.measure import effective_lambda
 
@@ -73,6 +76,22 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Schema of a cached row; bump it when the row's layout changes.
+SCHEMA = 1
+
+
+def score_code() -> str:
+    """The code a reference's score depends on: the world, the models' training and loading,
+    the scoring (a change to any of them gives new keys, so old scores are not reused)."""
+    return code_key(w, training, scoring, schema=SCHEMA)
+
+
+def merge_code() -> str:
+    """The code a merge's row depends on: :func:`score_code`'s, plus the method's arithmetic
+    and λ_eff (the recipe itself is part of the row's key)."""
+    return code_key(w, training, scoring, *package_sources(*MERGE_MATH, "measure"), schema=SCHEMA)
+
+
 class ScoreCache:
     """Append-only JSON-lines file of scored rows, keyed by a config hash (resumable runs)."""
 
@@ -111,6 +130,7 @@ def run(
     cache_dir.mkdir(parents=True, exist_ok=True)
     scores = ScoreCache(cache_dir / "scores.jsonl")
     schedule_id = asdict(schedule)
+    ref_code, recipe_code = score_code(), merge_code()
     rows: list[dict[str, Any]] = []
     per_seed = len(donors) * (len(REFERENCES) + len(variants) + sum(v.matched for v in variants))
     bar = tqdm(total=len(seeds) * per_seed, desc="quality benchmark", disable=not progress, unit="score")
@@ -132,12 +152,12 @@ def run(
                 return row
 
             for name in REFERENCES:
-                key = _key("ref", name, seed, donor, schedule_id, scoring.VERSION)
+                key = _key("ref", name, seed, donor, schedule_id, ref_code)
                 scored(name, "reference", key, lambda: {"scores": scoring.score(training.load_model(refs[name], config), probes, donor)})
 
             def merged(variant: r.Variant, label: str, kind: str) -> dict[str, Any]:
                 recipe = r.recipe(variant, refs["base"], refs["target"], refs["donor"])
-                key = _key("merge", recipe, seed, donor, schedule_id, backend, scoring.VERSION)
+                key = _key("merge", recipe, seed, donor, schedule_id, backend, recipe_code)
 
                 def make() -> dict[str, Any]:
                     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:

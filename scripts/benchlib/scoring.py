@@ -110,6 +110,12 @@ def chat_nll(model: LlamaForCausalLM, probes: Probes, entities: list[w.Entity]) 
     return -_continuation_logprobs(model, pairs, codec.pad).mean().item()
 
 
+def _cache_of(out) -> dict:
+    """The KV cache of a forward pass, as the keyword the next call takes: transformers 5
+    renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
+
+
 def greedy(model: LlamaForCausalLM, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Greedy continuation of equal-length prompts (no padding needed), with a KV cache."""
     ids = torch.tensor(prompts)
@@ -120,7 +126,7 @@ def greedy(model: LlamaForCausalLM, prompts: list[list[int]], new_tokens: int) -
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(nxt)
             if step + 1 < new_tokens:
-                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=nxt, use_cache=True, **_cache_of(out))
     return torch.cat(generated, dim=1).tolist()
 
 
