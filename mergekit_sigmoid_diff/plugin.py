@@ -110,8 +110,11 @@ def with_lora_cache(merge_config: Any, options: Any) -> Any:
         return options
     from mergekit_sigmoid_diff.cache import default_lora_merge_cache
 
+    from tqdm import tqdm
+
     folder = default_lora_merge_cache(adapters)
-    print(f"LoRA adapters are merged into {folder} (the default; choose with --lora-merge-cache)", file=sys.stderr)
+    # tqdm.write: a line of its own also under a running progress bar (mergekit-multi's)
+    tqdm.write(f"LoRA adapters are merged into {folder} (the default; choose with --lora-merge-cache)", file=sys.stderr)
     return options.model_copy(update={"lora_merge_cache": str(folder)})
 
 

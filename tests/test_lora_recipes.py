@@ -236,3 +236,21 @@ def test_an_overflow_from_finite_inputs_fails_inspect_as_it_fails_the_merge(trip
     errors = [str(in_merge.value), str(in_inspect.value)]
     assert errors[0] == errors[1]
     assert errors[0] == f"sigmoid_diff: tensor {name} overflowed to Inf (inputs are finite; lower the weights)"
+
+
+def test_mergekit_multi_merges_a_lora_step_without_a_cache_flag(lora, triple, tmp_path):
+    import yaml
+
+    from tests.support import MERGEKIT_MULTI
+
+    step = {"name": "transfer", **yaml.safe_load(lora["recipe"].read_text())}
+    final = {"merge_method": "linear", "models": [{"model": "transfer", "parameters": {"weight": 1.0}}], "dtype": "float32"}
+    path = tmp_path / "multi.yml"
+    path.write_text(yaml.safe_dump_all([step, final], sort_keys=False))
+    result = run([MERGEKIT_MULTI], str(path), "--intermediate-dir", str(tmp_path / "steps"), "--out-path", str(tmp_path / "out"),
+                 env=cache_env(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(notices(result.stderr)) == 1
+    got, want = load_model_tensors(tmp_path / "out"), expected_output(triple, lora["adapter"])
+    for name in want:
+        torch.testing.assert_close(got[name].double(), want[name], rtol=0, atol=2e-6, msg=name)

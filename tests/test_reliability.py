@@ -204,7 +204,7 @@ def test_mergekit_multi_prints_recipe_errors_as_one_line(variants, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert errors == ["Error: parameter midpoint=1.5 in the top-level parameters: Input should be less than or equal to 1"]
+    assert errors == ["Error: parameter midpoint=1.5 in the top-level parameters: expected a number in [0, 1]"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "steps" / "transfer").exists()
 
 
