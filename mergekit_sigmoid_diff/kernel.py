@@ -65,6 +65,7 @@ of magnitude on a busy one.
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -313,14 +314,43 @@ def _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, chunk,
 def donor_diff(
     base: torch.Tensor, donors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype
 ) -> torch.Tensor:
-    """D = Σ_j w_j (I_j − B) as a new tensor in ``dtype`` (``base`` may already be in it)."""
-    b = base.to(dtype)
-    diff = torch.sub(donors[0].to(dtype), b)
+    """D = Σ_j w_j (I_j − B) as a new tensor in ``dtype`` (``base`` may already be in it).
+
+    Each I_j − B is a copy of I_j in ``dtype`` minus B in place (the op upcasts B's elements
+    as it reads them: the same float arithmetic as subtracting an upcast copy, without one).
+    """
+    diff = _difference(donors[0], base, dtype)
     if weights[0] != 1.0:
         diff.mul_(weights[0])
     for donor, weight in zip(donors[1:], weights[1:]):
-        diff.add_(donor.to(dtype) - b, alpha=weight)
+        diff.add_(_difference(donor, base, dtype), alpha=weight)
     return diff
+
+
+def _difference(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x − B in ``dtype``, as a new tensor (never a view of the inputs)."""
+    return _combine_(x.to(dtype, copy=True), base, torch.Tensor.sub_)
+
+
+def _combine_(acc: torch.Tensor, other: torch.Tensor, op) -> torch.Tensor:
+    """``op(acc, other)`` in place, ``other`` upcast to ``acc``'s dtype a chunk at a time.
+
+    On CPU an op mixing dtypes first casts ``other`` to a full-size temporary (measured: an
+    in-place ``sub_`` of a bf16 4096 × 1536 matrix from a float32 one took 13.5 ms against
+    6 + 5 ms for an upcast copy and a float32 ``sub_``); chunk-sized scratch keeps the same
+    float arithmetic (the upcast is exact) without that copy. One thread, as in the gate.
+    """
+    if other.dtype == acc.dtype:
+        return op(acc, other)
+    flat, source = acc.view(-1), other.reshape(-1)
+    on_cpu = acc.device.type == "cpu"
+    chunk = CHUNK if on_cpu else DEVICE_CHUNK
+    scratch = torch.empty(min(chunk, flat.numel()), dtype=acc.dtype, device=acc.device)
+    with single_threaded(on_cpu):
+        for start in range(0, flat.numel(), chunk):
+            stop = min(start + chunk, flat.numel())
+            op(flat[start:stop], scratch[: stop - start].copy_(source[start:stop]))
+    return acc
 
 
 def protected_diff(
@@ -336,28 +366,47 @@ def protected_diff(
     A ``diff`` already computed (:func:`donor_diff`, compute dtype) is projected in place.
 
     Raises :class:`NonFiniteError` when T − B holds NaN or Inf (no singular basis exists).
-    Memory beyond the inputs: D' and T − B in the compute dtype, plus the basis.
+    Memory beyond the inputs: D' and T − B in the compute dtype (T − B is freed before D is
+    built, so at most one of them plus the output exists at a time), plus the basis.
     """
-    dtype = compute_dtype(base, target, *donors)
-    b = base.to(dtype)
-    drift = torch.sub(target.to(dtype), b)
-    if not torch.isfinite(drift).all():
-        raise NonFiniteError("T − B holds NaN or Inf")
-    basis = subspace.drift_basis(drift, settings.protect_energy, settings.protect_subspace)
-    del drift
-    if diff is None:
-        diff = donor_diff(b, donors, weights, dtype)
+    basis, diff = _basis_and_diff(base, target, donors, weights, settings, diff)
     projected, share = subspace.project_out_share_(diff, basis, settings.protect_subspace)
     return projected, basis, share
 
 
+def _basis_and_diff(base, target, donors, weights, settings, diff=None) -> tuple[subspace.Basis, torch.Tensor]:
+    """The drift basis, then D (``diff`` or :func:`donor_diff`); T − B exists only meanwhile.
+
+    Finiteness of T − B comes from its squared norm (one reduction that the basis needs
+    anyway) instead of a separate ``isfinite`` pass and its full-size bool tensor.
+    """
+    dtype = compute_dtype(base, target, *donors)
+    drift = _difference(target, base, dtype)
+    total = subspace.squared_norm(drift)
+    if not math.isfinite(total):
+        raise NonFiniteError("T − B holds NaN or Inf")
+    basis = subspace.drift_basis(drift, settings.protect_energy, settings.protect_subspace, total=total)
+    del drift
+    if diff is None:
+        diff = donor_diff(base, donors, weights, dtype)
+    return basis, diff
+
+
 def _projected(base, target, donors, weights, settings, out_dtype, check_finite) -> torch.Tensor:
-    """``T + D'`` (see :func:`protected_diff`), cast to ``out_dtype`` once."""
-    diff, _, _ = protected_diff(base, target, donors, weights, settings)
-    out = diff.add_(target.to(diff.dtype))
-    if check_finite and not torch.isfinite(out).all():
+    """``T + D'`` (see :func:`protected_diff`; the merge needs no removed share), cast to
+    ``out_dtype`` once."""
+    basis, diff = _basis_and_diff(base, target, donors, weights, settings)
+    out = _combine_(subspace.project_out_(diff, basis, settings.protect_subspace), target, torch.Tensor.add_)
+    if check_finite and not _all_finite(out):
         raise NonFiniteError("output holds NaN or Inf")
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``: a finite sum proves it (NaN and Inf propagate into a sum); only
+    when the sum is not finite (or overflowed) is every element checked. ~4× cheaper than
+    ``isfinite(x).all()`` on a 4096 × 1536 float32 matrix (1 thread), and no bool copy."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 _threads_lock = threading.Lock()

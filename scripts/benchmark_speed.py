@@ -9,7 +9,13 @@ then a per-tensor kernel micro-benchmark on the largest tensors.
 
     python scripts/benchmark_speed.py                      # default ~0.6B triple, 3 pairs
     python scripts/benchmark_speed.py --scale-layers 10    # also at half depth (memory scaling)
+    python scripts/benchmark_speed.py --threads 0 --load    # torch's default threads, quiet and beside a torch load
     python scripts/benchmark_speed.py --layers 2 --hidden 384 --intermediate 512 --vocab 1000 --pairs 1  # smoke test
+
+``--load`` runs, in every pair, each method once more while a background process started
+here (and ended here, by its PID) does 512 x 512 torch matmuls on torch's default threads:
+another torch program on the same cores, the case where many small OpenMP regions stall.
+The table then has a quiet and an under-load ratio to ``task_arithmetic`` per setting.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchlib.speed import (
+    CONDITIONS,
+    DRIFTS,
     TASK_ARITHMETIC,
     LlamaShape,
     build_synthetic_triple,
@@ -40,10 +48,15 @@ def recipe_variants() -> dict[str, dict]:
     import yaml
 
     variants = {"sigmoid_diff (published default)": {}}
+    by_parameters: dict[str, list[str]] = {}  # recipes with the same parameters are one run
     for path in sorted(RECIPES.glob("*.yml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("merge_method") == "sigmoid_diff":
-                variants.setdefault(f"recipes/{path.name}", doc.get("parameters") or {})
+                key = json.dumps(doc.get("parameters") or {}, sort_keys=True)
+                if path.stem not in by_parameters.setdefault(key, []):
+                    by_parameters[key].append(path.stem)
+    for key, stems in by_parameters.items():
+        variants.setdefault("recipes/" + "+".join(stems), json.loads(key))
     # the subspace projection's cost, although no recipe recommends it
     variants["protect_subspace input e=0.5"] = {
         "protect_subspace": "input", "protect_energy": 0.5,
@@ -66,10 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-heads", type=int, default=default.kv_heads)
     parser.add_argument("--scale-layers", type=int, default=None, help="also run at this depth (memory scaling)")
     parser.add_argument("--pairs", type=int, default=3, help="alternating rounds of all methods (>= 3 for the goal)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for every run (mergekit --num-threads)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for every run (mergekit --num-threads); 0: torch's default, as plain mergekit-yaml")
+    parser.add_argument("--load", action="store_true",
+                        help="also run every pair beside a background torch matmul process (quiet and under-load ratios)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
-    parser.add_argument("--drift", choices=("heavy-tailed", "low-rank"), default="low-rank",
-                        help="the target's synthetic drift: full-rank Student-t noise, or a decaying spectrum")
+    parser.add_argument("--drift", choices=DRIFTS, default="power-law",
+                        help="the target's synthetic drift: full-rank Student-t noise, a decaying spectrum "
+                             "(sigma_j ~ j^-0.5), or that spectrum plus 10%% noise energy (power-law)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mergekit-sigmoid-diff" / "speed")
     parser.add_argument("--workdir", type=Path, default=None, help="merge outputs (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=5, help="kernel micro-benchmark repeats")
@@ -86,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         heads=args.heads, kv_heads=args.kv_heads,
     )
     shapes = [shape] + ([replace(shape, layers=args.scale_layers)] if args.scale_layers else [])
-    report: dict = {"threads": args.threads, "pairs": args.pairs, "drift": args.drift, "runs": {}, "kernel": {}}
+    report: dict = {"threads": args.threads, "pairs": args.pairs, "drift": args.drift, "load": args.load,
+                    "runs": {}, "kernel": {}}
     with tempfile.TemporaryDirectory(prefix="sd-speed-", dir=args.workdir) as workdir:
         for current in shapes:
             print(f"== {current.key}: {current.parameters() / 1e9:.3f}B parameters, bf16, {args.drift} drift", flush=True)
@@ -95,16 +113,22 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   triple ready in {time.perf_counter() - started:.0f} s under {triple['base'].parent}", flush=True)
             if not args.skip_merges:
                 print(f"   merges ({machine_load()} at start)", flush=True)
-                comparison = compare_merges(
-                    triple, variants, pairs=args.pairs, threads=args.threads, workdir=Path(workdir), log=_flush_print
+                conditions = CONDITIONS if args.load else ("quiet",)
+                comparisons = compare_merges(
+                    triple, variants, pairs=args.pairs, threads=args.threads, workdir=Path(workdir), log=_flush_print,
+                    conditions=conditions,
                 )
-                print(f"   ({machine_load()} at end)\n" + comparison.table(), flush=True)
+                print(f"   ({machine_load()} at end)", flush=True)
+                for condition, comparison in comparisons.items():
+                    print(f"   {condition}:\n" + comparison.table(), flush=True)
+                if args.load:
+                    print(ratio_table(comparisons), flush=True)
                 report["runs"][current.key] = {
-                    "median_ratios": {
-                        label: {m: comparison.median_ratio(label, m) for m in ("wall", "peak_rss", "cpu")}
-                        for label in comparison.runs if label != TASK_ARITHMETIC
-                    },
-                    "runs": {label: [asdict(r) for r in runs] for label, runs in comparison.runs.items()},
+                    condition: {
+                        "summary": comparison.summary(),
+                        "runs": {label: [asdict(r) for r in runs] for label, runs in comparison.runs.items()},
+                    }
+                    for condition, comparison in comparisons.items()
                 }
             if not args.skip_kernel and current is shape:
                 print(f"   kernel micro-benchmark, ms per tensor, threads={args.threads} ({machine_load()})", flush=True)
@@ -125,6 +149,21 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(speed_markdown(report["subspace_tensor"])), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+
+
+def ratio_table(comparisons) -> str:
+    """One row per setting: median wall and peak-RSS ratios to task_arithmetic, quiet and under load."""
+    quiet, load = comparisons["quiet"], comparisons["load"]
+    width = max(len(label) for label in quiet.runs)
+    rows = [f"   {'setting':{width}s} {'wall quiet':>10s} {'wall load':>10s} {'RSS quiet':>10s} {'RSS load':>10s}"]
+    for label in quiet.runs:
+        if label == TASK_ARITHMETIC:
+            continue
+        rows.append(
+            f"   {label:{width}s} {quiet.median_ratio(label, 'wall'):10.3f} {load.median_ratio(label, 'wall'):10.3f}"
+            f" {quiet.median_ratio(label, 'peak_rss'):10.3f} {load.median_ratio(label, 'peak_rss'):10.3f}"
+        )
+    return "\n".join(rows)
 
 
 def _flush_print(line: str) -> None:

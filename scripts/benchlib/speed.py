@@ -5,18 +5,22 @@
 - :func:`run_merge` runs the real ``mergekit-yaml`` in a subprocess and reads its wall
   time, CPU time and peak RSS (``ru_maxrss`` of that one child, via ``os.wait4``).
 - :func:`compare_merges` alternates the methods over several pairs; the ratios
-  ``variant / task_arithmetic`` are taken within each pair, then their median.
+  ``variant / task_arithmetic`` are taken within each pair, then their median; with
+  ``conditions=("quiet", "load")`` each pair also runs every method beside a
+  :class:`BackgroundLoad` (another torch process doing matmuls on the same cores).
 - :func:`kernel_timings` times one output tensor through ``mergekit``'s ``merge_tensors``
   for each method (what the merge does per tensor, without the file I/O).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,14 +211,21 @@ class Run:
 
 
 def run_merge(label: str, merge_recipe: dict[str, Any], workdir: Path, threads: int, extra: Sequence[str] = ()) -> Run:
-    """Run ``mergekit-yaml`` on ``merge_recipe`` into ``workdir/out`` (replaced) and measure it."""
+    """Run ``mergekit-yaml`` on ``merge_recipe`` into ``workdir/out`` (replaced) and measure it.
+
+    ``threads`` > 0 passes ``--num-threads`` and ``OMP_NUM_THREADS``; 0 leaves torch's default
+    (what a plain ``mergekit-yaml`` does: one thread per core)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     recipe_path, out, log = workdir / "recipe.yml", workdir / "out", workdir / "mergekit.log"
     shutil.rmtree(out, ignore_errors=True)
     recipe_path.write_text(yaml.safe_dump(merge_recipe, sort_keys=False))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    command = [MERGEKIT_YAML, str(recipe_path), str(out), "--num-threads", str(threads), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    command = [MERGEKIT_YAML, str(recipe_path), str(out), *extra]
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+        command += ["--num-threads", str(threads)]
     with open(log, "wb") as stream:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
@@ -237,12 +248,27 @@ class Comparison:
     def ratios(self, label: str, metric: str) -> list[float]:
         return [getattr(a, metric) / getattr(b, metric) for a, b in zip(self.runs[label], self.runs[TASK_ARITHMETIC])]
 
+    def summary(self) -> dict[str, dict[str, float]]:
+        """label -> median wall/CPU seconds, peak RSS bytes and the median ratios."""
+        out = {}
+        for label, runs in self.runs.items():
+            row = {
+                "wall_s": statistics.median(r.wall for r in runs),
+                "cpu_s": statistics.median(r.cpu for r in runs),
+                "peak_rss": statistics.median(r.peak_rss for r in runs),
+            }
+            if label != TASK_ARITHMETIC:
+                row.update({f"{m}_ratio": self.median_ratio(label, m) for m in ("wall", "peak_rss", "cpu")})
+            out[label] = row
+        return out
+
     def median_ratio(self, label: str, metric: str) -> float:
         return statistics.median(self.ratios(label, metric))
 
     def table(self) -> str:
+        width = max(len(label) for label in self.runs)
         rows = [
-            f"{'method':28s} {'wall s (median)':>16s} {'peak RSS GB':>12s} {'CPU s':>8s}"
+            f"{'method':{width}s} {'wall s (median)':>16s} {'peak RSS GB':>12s} {'CPU s':>8s}"
             f" {'wall ratio':>11s} {'RSS ratio':>10s} {'CPU ratio':>10s}"
         ]
         for label, runs in self.runs.items():
@@ -254,8 +280,49 @@ class Comparison:
                 f" {self.median_ratio(label, 'wall'):11.3f} {self.median_ratio(label, 'peak_rss'):10.3f}"
                 f" {self.median_ratio(label, 'cpu'):10.3f}"
             )
-            rows.append(f"{label:28s} {wall:16.1f} {rss:12.3f} {cpu:8.1f}{ratios}")
+            rows.append(f"{label:{width}s} {wall:16.1f} {rss:12.3f} {cpu:8.1f}{ratios}")
         return "\n".join(rows)
+
+
+LOAD_SCRIPT = """
+import torch
+a, b = torch.randn(512, 512), torch.randn(512, 512)
+while True:
+    c = a @ b
+"""
+
+
+class BackgroundLoad:
+    """A separate Python process doing 512 × 512 float32 matmuls in a loop on torch's default
+    threads: another torch (OpenMP) program sharing the cores. Started and ended by this
+    process, by the child's own PID (``Popen.terminate``, then ``kill`` if it lingers)."""
+
+    def __init__(self, warmup: float = 2.0):
+        self.warmup = warmup
+        self.process: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "BackgroundLoad":
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        self.process = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(self.warmup)  # past torch's import, into the loop
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the background load exited at once (status {self.process.returncode})")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+CONDITIONS = ("quiet", "load")
 
 
 def compare_merges(
@@ -266,21 +333,27 @@ def compare_merges(
     threads: int,
     workdir: Path,
     log: Callable[[str], None] = print,
-) -> Comparison:
-    """Run ``task_arithmetic`` and every sigmoid_diff variant once per pair, alternating the
-    order (forwards in even pairs, backwards in odd ones) so drift in machine load hits all
-    methods alike. ``variants`` maps a label to sigmoid_diff's top-level parameters."""
+    conditions: Sequence[str] = ("quiet",),
+) -> dict[str, Comparison]:
+    """Run ``task_arithmetic`` and every sigmoid_diff variant once per pair and condition,
+    alternating the order (forwards in even pairs, backwards in odd ones) so drift in machine
+    load hits all methods alike. ``variants`` maps a label to sigmoid_diff's top-level
+    parameters. ``conditions``: ``quiet`` (nothing started by us) and/or ``load`` (a
+    :class:`BackgroundLoad` runs during that round); each pair runs every condition in turn,
+    so both see the same machine. Returns one :class:`Comparison` per condition."""
     plan = {TASK_ARITHMETIC: recipe(TASK_ARITHMETIC, triple)}
     plan.update({label: recipe("sigmoid_diff", triple, **params) for label, params in variants.items()})
-    comparison = Comparison({label: [] for label in plan})
+    comparisons = {condition: Comparison({label: [] for label in plan}) for condition in conditions}
     for pair in range(pairs):
         order = list(plan) if pair % 2 == 0 else list(reversed(plan))
-        for label in order:
-            run = run_merge(label, plan[label], workdir, threads)
-            comparison.runs[label].append(run)
-            log(f"  pair {pair + 1}/{pairs} {label:24s} wall {run.wall:6.1f} s  cpu {run.cpu:6.1f} s  "
-                f"peak RSS {run.peak_rss / 1e9:.3f} GB")
-    return comparison
+        for condition in conditions:
+            with BackgroundLoad() if condition == "load" else contextlib.nullcontext():
+                for label in order:
+                    run = run_merge(label, plan[label], workdir, threads)
+                    comparisons[condition].runs[label].append(run)
+                    log(f"  pair {pair + 1}/{pairs} {condition:5s} {label:36s} wall {run.wall:6.1f} s  "
+                        f"cpu {run.cpu:6.1f} s  peak RSS {run.peak_rss / 1e9:.3f} GB")
+    return comparisons
 
 
 def resolved_for(name: str, parameters: dict[str, Any], t: float = 0.5) -> dict[str, Any]:
@@ -317,7 +390,8 @@ def kernel_timings(
     from mergekit_sigmoid_diff.plugin import register
 
     register()
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     def load(role: str, name: str) -> torch.Tensor:
         index = json.loads((triple[role] / "model.safetensors.index.json").read_text())["weight_map"]
