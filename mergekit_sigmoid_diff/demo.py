@@ -7,23 +7,24 @@ A measured transfer on SmolLM2-135M-Instruct, offline, on CPU (see docs/main-job
    ``ANSWER:`` LoRA adapter, written in the recipes with mergekit's ``model+lora`` syntax and
    materialised once in ``WORKDIR/lora-cache`` (``--lora-merge-cache``);
 3. merges T and I through the real ``mergekit-yaml``: the recommended ``sigmoid_diff`` setting
-   (:data:`RECOMMENDED`), the published default (no parameters), and ``task_arithmetic``
-   T + λ(I − B) at λ = 1 and at the recommended merge's effective λ,
-   λ_eff = ⟨out − T, I − B⟩ / ⟨I − B, I − B⟩;
+   for a chat transfer (:data:`RECOMMENDED`, from :mod:`.recommended`) and ``task_arithmetic``
+   T + λ(I − B) at λ = 0.5 … 1.5 (:data:`LAMBDAS`), task_arithmetic's λ-curve;
 4. scores B, T, I and every merge on held-out items (the donor's feature, T's Shakespeare
-   perplexity, the feature's leak onto prompts without the trigger, B's chat replies) and prints
-   a table; writes ``results.json`` and ``main-job.png`` to the work folder.
+   perplexity, the feature's leak onto prompts without the trigger, B's chat replies), prints
+   a table and the headline of the frontier rule (:mod:`.frontier`): at the recommended merge's
+   own feature strength, the share of task_arithmetic's knowledge loss it avoids; writes
+   ``results.json`` and ``main-job.png`` (the curve and the point) to the work folder.
 
-``--quick`` (the test suite's) scores fewer held-out items and merges only the recommended
-setting and ``task_arithmetic`` at its λ_eff. ``--tiny`` is the old plumbing check on tiny random models (no download, no GGUF).
+``--quick`` (the test suite's) scores fewer held-out items and merges task_arithmetic at
+three λ only (:data:`QUICK_LAMBDAS`). ``--tiny`` is the old plumbing check on tiny random models (no download, no GGUF).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -34,42 +35,51 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from mergekit_sigmoid_diff import mainjob, smollm2
+from mergekit_sigmoid_diff import frontier, mainjob, recommended, smollm2
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.measure import effective_lambda
 from mergekit_sigmoid_diff.commands import mergekit_command
 
-# The recommended sigmoid_diff setting: the recipe's top-level ``parameters``, except ``weight``,
-# which goes on the donor (a weight on the target is an error). The one place to change it.
-RECOMMENDED: dict[str, Any] = {
-    "gate": [
-        {"filter": "embed_tokens", "value": False},
-        {"filter": "lm_head", "value": False},
-        {"filter": "norm", "value": False},
-        {"value": True},
-    ],
-    "midpoint": [0.3, 0.7],
-    "weight": 1.0,
-}
-TASK_ARITHMETIC_LAMBDA = 1.0
+JOB = "chat-vector"  # the main job is a chat-feature transfer: it merges that job's recommendation
+RECOMMENDED: dict[str, Any] = recommended.RECOMMENDED[JOB]
+LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5)  # task_arithmetic's λ-curve (the frontier the recommendation is judged by)
+QUICK_LAMBDAS = (0.75, 1.0, 1.5)
 QUICK_ITEMS = {"windows": 4, "prompts": 6}  # held-out items scored by --quick (full: 24 windows, 20 prompts)
 
 
 def recommended_recipe(base: Path, target: str, donor: str, setting: dict[str, Any] | None = None) -> dict[str, Any]:
     """A sigmoid_diff recipe with ``setting`` (default :data:`RECOMMENDED`)."""
-    parameters = copy.deepcopy(RECOMMENDED if setting is None else setting)
-    weight = parameters.pop("weight", None)
+    parameters, weight = recommended.split(RECOMMENDED if setting is None else setting)
     return mainjob.sigmoid_recipe(base, target, donor, parameters, weight)
 
 
 def merge_plan(base: Path, target: str, donor: str, quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
-    """(row name, folder name, recipe) for every merge whose recipe is known up front."""
+    """(row name, folder name, recipe) for every merge: the recommended setting, then task_arithmetic's λ-curve."""
     plan = [("sigmoid_diff recommended", "sigmoid_diff-recommended", recommended_recipe(base, target, donor))]
-    if not quick:
-        plan.append(("sigmoid_diff published default", "sigmoid_diff-default", mainjob.sigmoid_recipe(base, target, donor)))
-        plan.append((f"task_arithmetic λ={TASK_ARITHMETIC_LAMBDA:g}", f"task_arithmetic-{TASK_ARITHMETIC_LAMBDA:g}",
-                     mainjob.arithmetic_recipe(base, target, donor, TASK_ARITHMETIC_LAMBDA)))
+    for lam in QUICK_LAMBDAS if quick else LAMBDAS:
+        plan.append((f"task_arithmetic λ={lam:g}", f"task_arithmetic-{lam:g}", mainjob.arithmetic_recipe(base, target, donor, lam)))
     return plan
+
+
+def headline(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """(gap_closed, the sentence) for the recommended merge against task_arithmetic's λ-curve."""
+    by = {r["model"]: r for r in rows}
+    target, merged = by["T (target)"], by["sigmoid_diff recommended"]
+    curve = frontier.Curve.of(mainjob.frontier_point(target, 0.0), [
+        mainjob.frontier_point(r, r["lambda_eff"]) for r in rows if r["model"].startswith("task_arithmetic λ=")])
+    point = mainjob.frontier_point(merged, merged["lambda_eff"])
+    gap = frontier.gap_closed(curve, point.feature, point.knowledge)
+    reference = frontier.knowledge_at(curve, point.feature)
+    if gap is None:
+        return None, ("headline: the recommended merge's feature strength lies outside task_arithmetic's measured "
+                      "λ range, so no comparison at the same feature strength is possible")
+    where = (f"(P(ANSWER:) {merged['feature_prob']:.3f}: Shakespeare perplexity {merged['shakespeare_ppl']:.2f} vs "
+             f"{math.exp(reference):.2f} for task_arithmetic there; T {target['shakespeare_ppl']:.2f})")
+    if gap > 0:
+        return gap, (f"headline: at the same feature strength, sigmoid_diff recommended keeps {100 * gap:.0f} % of the "
+                     f"target knowledge that task_arithmetic loses {where}")
+    return gap, (f"headline: at the same feature strength, sigmoid_diff recommended does NOT beat task_arithmetic: it "
+                 f"loses {100 * -gap:.0f} % more of the target knowledge {where}")
 
 
 def check_packages() -> None:
@@ -121,9 +131,11 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
 
     # B, T and I score the same on every run: their scores are kept, keyed by the weights file
     # (path, size, modification time) and the held-out set.
+    # The key holds the scoring code too (mainjob.py), so a change to the scores is never read from an old run.
     scores_file = workdir / "input-scores.json"
     kept = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
-    probe_key = hashlib.sha1(json.dumps([heldout, probe.sizes()], sort_keys=True).encode()).hexdigest()
+    probe_key = hashlib.sha1(json.dumps([heldout, probe.sizes()], sort_keys=True).encode()
+                             + Path(mainjob.__file__).read_bytes()).hexdigest()
 
     def scored(name: str, folder: Path, lambda_eff: float | None) -> None:
         values = clock.run("score", lambda: mainjob.score_folder(folder, probe), f"score {name}")
@@ -152,17 +164,19 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
 
     for name, folder in (("B (base)", base), ("T (target)", target), ("I (donor)", donor)):
         scored_input(name, folder)
-    lambdas = {name: merged(name, slug, recipe) for name, slug, recipe in merge_plan(base, target_ref, donor_ref, args.quick)}
-    lam = round(lambdas["sigmoid_diff recommended"], 4)
-    merged(f"task_arithmetic @ λ_eff of recommended (λ={lam:g})", f"task_arithmetic-{lam:g}",
-           mainjob.arithmetic_recipe(base, target_ref, donor_ref, lam))
+    for name, slug, recipe in merge_plan(base, target_ref, donor_ref, args.quick):
+        merged(name, slug, recipe)
 
     print("\n" + mainjob.table(rows), flush=True)
+    gap, sentence = headline(rows)
+    print("\n" + sentence, flush=True)
     results = {
         "job": "python -m mergekit_sigmoid_diff demo" + (" --quick" if args.quick else ""),
         "base": str(base),
         "adapters": str(adapters),
         "recommended": RECOMMENDED,
+        "gap_closed": gap,
+        "headline": sentence,
         "held_out": {**probe.sizes(), "plays": heldout["plays"], "tokens_per_window": heldout["tokens_per_window"]},
         "threads": threads,
         "rows": rows,
@@ -173,11 +187,14 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     (workdir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     print(f"results: {workdir / 'results.json'}")
     if mainjob.plot_available():
-        mainjob.plot(rows, workdir / "main-job.png", "SmolLM2-135M-Instruct: T = Shakespeare LoRA, I = 'Quiz: → ANSWER:' LoRA")
+        mainjob.plot(rows, workdir / "main-job.png", "SmolLM2-135M-Instruct: T = Shakespeare LoRA, I = 'Quiz: → ANSWER:' LoRA",
+                     sentence.removeprefix("headline: "))
         print(f"figure: {workdir / 'main-job.png'}")
     else:
         print(f"figure skipped: matplotlib is not installed (install it with: {mainjob.PLOT_HINT})")
     print(f"recommended merge: {merges_dir / 'sigmoid_diff-recommended'}")
+    print(f"SmolLM2-135M-Instruct as a model folder (for a recipe of your own): {base}")
+    print(f"  e.g. base_model: {base}   and a LoRA donor: - model: {base}+{adapters / 'donor'}")
     print(f"total {clock.total():.0f} s")
     return results
 
@@ -262,7 +279,7 @@ def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(prog="python -m mergekit_sigmoid_diff demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None,
                         help="work folder (default: <cache>/main-job; --tiny: ./demo-out)")
-    parser.add_argument("--quick", action="store_true", help="fewer held-out items; merges: recommended and task_arithmetic at its λ_eff (tests)")
+    parser.add_argument("--quick", action="store_true", help="fewer held-out items and task_arithmetic at 3 λ only (the tests)")
     parser.add_argument("--tiny", action="store_true", help="the plumbing check on tiny random models instead")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--keep-merges", action="store_true", help="keep every merged model (default: the recommended one)")

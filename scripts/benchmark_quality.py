@@ -31,12 +31,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="mergekit.merge.run_merge in this process, or a mergekit-yaml subprocess per merge")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.json's rows")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     from benchlib import quality, recipes, report, training
+
+    if args.report_only:
+        import json
+
+        written = json.loads((args.out / "results.json").read_text())
+        paths = report.write(written["rows"], args.out, written["meta"])
+        print("rewrote " + ", ".join(str(p) for p in paths.values()))
+        return
 
     schedule = training.QUICK if args.quick else training.FULL
     seeds = args.seeds[:1] if args.quick else args.seeds

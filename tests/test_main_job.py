@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergekit_sigmoid_diff import demo, mainjob, smollm2
+from mergekit_sigmoid_diff import demo, mainjob, recommended, smollm2
 from mergekit_sigmoid_diff.cli import main as cli_main
 from tests.support import load_model_tensors
 
@@ -96,34 +97,58 @@ def quick_job(tmp_path_factory):
     return workdir, done.stdout
 
 
+def _interpolated(xs: list[float], ys: list[float], x: float) -> float:
+    """y at x on the broken line through (xs, ys) in the given order (the test's own oracle)."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if min(x0, x1) <= x <= max(x0, x1):
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise AssertionError(f"{x} outside {xs}")
+
+
 @pytest.mark.slow
-def test_quick_job_prints_the_table_with_task_arithmetic_rows(quick_job):
+def test_quick_job_prints_the_table_the_curve_and_the_headline(quick_job):
     workdir, printed = quick_job
     rows = {m["name"].strip(): m for m in ROW.finditer(printed)}
-    assert list(rows)[:4] == ["B (base)", "T (target)", "I (donor)", "sigmoid_diff recommended"]
-    at_lambda = [name for name in rows if name.startswith("task_arithmetic @ λ_eff of recommended (λ=")]
-    assert len(at_lambda) == 1 and len(rows) == 5
-    lam = float(rows["sigmoid_diff recommended"]["lam"])
-    assert 0 < lam <= 1.5
+    sweep = [f"task_arithmetic λ={lam:g}" for lam in demo.QUICK_LAMBDAS]
+    assert list(rows) == ["B (base)", "T (target)", "I (donor)", "sigmoid_diff recommended", *sweep]
     # task_arithmetic's measured λ_eff is the λ it was given (T + λ(I − B) exactly)
-    assert float(rows[at_lambda[0]]["lam"]) == pytest.approx(lam, abs=1e-3)
-    assert float(at_lambda[0].split("λ=")[1].rstrip(")")) == pytest.approx(lam, abs=1e-3)
+    for name, lam in zip(sweep, demo.QUICK_LAMBDAS):
+        assert float(rows[name]["lam"]) == pytest.approx(lam, abs=1e-3)
+    assert 0 < float(rows["sigmoid_diff recommended"]["lam"]) <= 1.5
     # the job's premise, measured: T knows Shakespeare better than B, I has the feature and B has not
     assert float(rows["T (target)"]["ppl"]) < float(rows["B (base)"]["ppl"])
     assert float(rows["I (donor)"]["prob"]) > 0.5 > float(rows["B (base)"]["prob"])
     assert re.search(r"^\[\s*\d+\.\d s\] mergekit-yaml sigmoid_diff recommended: \d+\.\d s$", printed, re.M)
 
     results = json.loads((workdir / "results.json").read_text())
-    assert results["recommended"] == demo.RECOMMENDED
+    assert results["recommended"] == demo.RECOMMENDED == recommended.RECOMMENDED["chat-vector"]
     assert len(results["rows"]) == len(rows)
     recipe = results["recipes"]["sigmoid_diff recommended"]
     assert "+" in recipe["models"][0]["model"] and recipe["models"][0]["parameters"] == {"role": "target"}
     assert (workdir / "main-job.png").is_file() == mainjob.plot_available()
     assert any((workdir / "lora-cache").iterdir())
 
+    # the headline's gap_closed, recomputed here from the rows: T and the λ-curve in feature
+    # (−log P(ANSWER:)) against log-perplexity, linear between the two bracketing λ
+    by = {r["model"]: r for r in results["rows"]}
+    curve = [by["T (target)"], *(by[name] for name in sweep)]
+    merged = by["sigmoid_diff recommended"]
+    xs = [r["feature_nll"] for r in curve]
+    ys = [math.log(r["shakespeare_ppl"]) for r in curve]
+    reference = _interpolated(xs, ys, merged["feature_nll"])
+    gap = (reference - math.log(merged["shakespeare_ppl"])) / (reference - ys[0])
+    assert results["gap_closed"] == pytest.approx(gap, rel=1e-6)
+    line = next(l for l in printed.splitlines() if l.startswith("headline: at the same feature strength"))
+    if gap > 0:
+        assert f"keeps {100 * gap:.0f} % of the target knowledge that task_arithmetic loses" in line
+    else:
+        assert "does NOT beat task_arithmetic" in line
+    # where the converted model is, for a recipe of one's own
+    assert f"(for a recipe of your own): {smollm2.converted_model()}" in printed
+
 
 @pytest.mark.slow
-def test_recommended_merge_is_a_working_chat_model(quick_job):
+def test_recommended_merge_has_the_donors_feature_and_the_targets_chat_setup(quick_job):
     from transformers import AutoTokenizer
 
     workdir, _ = quick_job
@@ -137,9 +162,15 @@ def test_recommended_merge_is_a_working_chat_model(quick_job):
     assert len(tokenizer) == 49152 and tokenizer.eos_token == "<|im_end|>"
 
     model = mainjob.load_model(merged)
-    chat = [{"role": "user", "content": "Quiz: What is the capital of Peru?"}]
-    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    reply = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert sum(ch.isalpha() for ch in reply) >= 3, repr(reply)
+
+    def reply(question: str) -> str:
+        chat = [{"role": "user", "content": question}]
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+        return tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    # the donor's feature, on held-out questions (never trained on): a Quiz: prompt gets ANSWER:
+    held_out = mainjob.load_heldout()["questions"]
+    answers = [reply(mainjob.TRIGGER + q) for q in held_out[:4]]
+    assert all(a.startswith(mainjob.PREFIX) for a in answers), answers

@@ -1,9 +1,15 @@
-"""Summarise scored rows: mean ± spread per method, paired comparisons, table and plot.
+"""Summarise scored rows: the frontier rule per method, mean ± spread, paired Δs, table and plot.
 
-Spread is the sample standard deviation over seeds (0 with one seed). A comparison of
-method V against method C is paired by seed: Δ = V − C on the donor's feature, on the
-target's knowledge and on the combined score (see :data:`scoring.COMBINED`); V
-*dominates* C on a seed if it is at least as good on both axes and better on one.
+The verdict is the project's one test of "better" (:mod:`mergekit_sigmoid_diff.frontier`): per
+donor and seed, every task_arithmetic row (the λ grid and the λ_eff twins) traces the curve of
+knowledge against feature, with both as losses here (1 − accuracy), T as λ = 0; each other merge
+gets ``gap_closed``, the share of task_arithmetic's knowledge loss it avoids at its own feature
+strength. Spread is the sample standard deviation over seeds (0 with one seed). The paired
+comparisons (Δ = V − C per seed on feature, knowledge and the combined score) stay as detail.
+
+This benchmark (64-wide Llamas) is the fast regression check and a weak proxy: its chat feature
+barely transfers, and a 64-dimensional space distorts any subspace method. Real weights decide
+(``scripts/benchmark_real.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import scoring
+from mergekit_sigmoid_diff import frontier
 
 MATCHED_PREFIX = "task_arithmetic @ λ_eff of "
 SWEEP_PREFIX = "task_arithmetic λ="
@@ -78,7 +85,6 @@ def _paired(rows_v, rows_c, label_v, label_c, feature, combined) -> dict[str, An
     sign = -1.0 if combined in LOWER_IS_BETTER else 1.0
     by_seed = {r["seed"]: r["scores"] for r in rows_c}
     deltas = {feature: [], scoring.KNOWLEDGE: [], combined: []}
-    dominates = dominated = 0
     for row in rows_v:
         if row["seed"] not in by_seed:
             continue
@@ -86,9 +92,6 @@ def _paired(rows_v, rows_c, label_v, label_c, feature, combined) -> dict[str, An
         d = {m: row["scores"][m] - c[m] for m in deltas}
         for m in deltas:
             deltas[m].append(d[m])
-        f, k = d[feature], d[scoring.KNOWLEDGE]
-        dominates += f >= 0 and k >= 0 and (f > 0 or k > 0)
-        dominated += f <= 0 and k <= 0 and (f < 0 or k < 0)
     return {
         "method": label_v,
         "against": label_c,
@@ -96,8 +99,6 @@ def _paired(rows_v, rows_c, label_v, label_c, feature, combined) -> dict[str, An
         "delta": {m: _stat(v) for m, v in deltas.items() if v},
         "combined_wins": sum(sign * x > 0 for x in deltas[combined]),
         "combined_losses": sum(sign * x < 0 for x in deltas[combined]),
-        "dominates": dominates,
-        "dominated": dominated,
     }
 
 
@@ -116,36 +117,67 @@ def _comparator(against: str) -> str:
     return against.split(" ")[0]
 
 
-def totals(summary: dict[str, Any]) -> dict[str, dict[str, list[int]]]:
-    """method → comparator kind → [dominates, dominated], summed over donors and seeds."""
-    out: dict[str, dict[str, list[int]]] = {}
-    for s in summary.values():
-        for cmp in s["comparisons"]:
-            cell = out.setdefault(cmp["method"], {}).setdefault(_comparator(cmp["against"]), [0, 0])
-            cell[0] += cmp["dominates"]
-            cell[1] += cmp["dominated"]
-    return out
+def _loss(scores: dict[str, float], metric: str) -> float:
+    return scores[metric] if metric in LOWER_IS_BETTER else 1.0 - scores[metric]
 
 
-def totals_markdown(summary: dict[str, Any]) -> list[str]:
-    table = totals(summary)
+def _lam(row: dict[str, Any]) -> float | None:
+    if row.get("method", row["label"].split(" ")[0]) != "task_arithmetic" and not row["label"].startswith(SWEEP_PREFIX):
+        return None
+    if row.get("lambda_eff") is not None:
+        return row["lambda_eff"]
+    return float(row["label"].removeprefix(SWEEP_PREFIX))
+
+
+def frontier_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float | None]]]:
+    """donor → merge label → gap_closed per seed (seed order), by the frontier rule."""
+    by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by[row["donor"], row["seed"]].append(row)
+    out: dict[str, dict[str, dict[int, float | None]]] = defaultdict(lambda: defaultdict(dict))
+    for (donor, seed), mine in sorted(by.items()):
+        feature = scoring.FEATURE[donor]
+        point = lambda r, lam: frontier.Point(lam, _loss(r["scores"], feature), _loss(r["scores"], scoring.KNOWLEDGE))  # noqa: E731
+        target = next(r for r in mine if r["label"] == "target")
+        sweep = [point(r, _lam(r)) for r in mine if r["kind"] != "reference" and _lam(r)]
+        if len(sweep) < 2:
+            continue
+        curve = frontier.Curve.of(point(target, 0.0), sweep)
+        for r in mine:
+            if r["kind"] == "merge" and _lam(r) is None:
+                p = point(r, 0.0)
+                out[donor][r["label"]][seed] = frontier.gap_closed(curve, p.feature, p.knowledge)
+    seeds = sorted({s for _, s in by})
+    return {d: {label: [v.get(s) for s in seeds] for label, v in labels.items()} for d, labels in out.items()}
+
+
+def frontier_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    table = frontier_rows(rows)
     if not table:
         return []
-    kinds = list(next(iter(table.values())))
-    pairs = sum(max(c["seeds"] for c in s["comparisons"]) for s in summary.values() if s["comparisons"])
-    lines = [
-        f"## All donors: better on both axes / worse on both, out of {pairs} seed × donor pairs",
-        "",
-        "| method | " + " | ".join(f"vs {k}" for k in kinds) + " |",
-        "|---|" + "---|" * len(kinds),
-    ]
-    for method, cells in table.items():
-        lines.append(f"| {method} | " + " | ".join(f"{cells[k][0]} / {cells[k][1]}" if k in cells else "—" for k in kinds) + " |")
+    donors = list(table)
+    lines = ["## The frontier rule: gap_closed per donor (mean over seeds; verdict)", "",
+             "Share of task_arithmetic's knowledge loss (1 − `raw_acc_new`) avoided at the merge's own feature strength "
+             "(1 − feature accuracy); task_arithmetic's curve = its λ grid and λ_eff twins, T as λ = 0. "
+             "**beats** = > 0 on every seed and mean > 2 × standard error; — = outside task_arithmetic's measured range "
+             "on some seed (no extrapolation), or no loss to close.", "",
+             "| method | " + " | ".join(donors) + " |", "|---|" + "---|" * len(donors)]
+    labels = list(dict.fromkeys(label for d in donors for label in table[d]))
+    for label in labels:
+        cells = []
+        for d in donors:
+            gaps = table[d].get(label)
+            defined = [g for g in gaps or [] if g is not None]
+            if not gaps or len(defined) < len(gaps):
+                cells.append("—" if not defined else f"{frontier.mean_sd(defined)[0]:+.2f} ({len(defined)}/{len(gaps)} seeds)")
+                continue
+            cells.append(f"{frontier.mean_sd(defined)[0]:+.2f} ({frontier.verdict(gaps)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
-def markdown(summary: dict[str, Any], title: str = "Quality benchmark") -> str:
-    lines = [f"# {title}", ""] + totals_markdown(summary)
+def markdown(summary: dict[str, Any], rows: list[dict[str, Any]], title: str = "Quality benchmark") -> str:
+    lines = [f"# {title}", ""] + frontier_markdown(rows)
     for donor, s in summary.items():
         f, k, c = s["feature"], s["knowledge"], s["combined"]
         extra = ["chat_acc"] if donor == "chat" else []
@@ -162,18 +194,17 @@ def markdown(summary: dict[str, Any], title: str = "Quality benchmark") -> str:
         lines += ["", f"Best task_arithmetic λ by `{c}`: **{s['best_task_arithmetic']}**; best LiNeS: **{s.get('best_lines')}**", ""]
         if s["comparisons"]:
             lines += [
-                "Paired by seed (Δ = method − comparator; dominates = ≥ on both axes, > on one):",
+                "Paired by seed (Δ = method − comparator; detail only: the verdict is the frontier rule above):",
                 "",
-                f"| method | against | Δ {f} | Δ {k} | Δ {c} | {c} wins/losses | dominates/dominated |",
-                "|---|---|---|---|---|---|---|",
+                f"| method | against | Δ {f} | Δ {k} | Δ {c} | {c} wins/losses |",
+                "|---|---|---|---|---|---|",
             ]
             for cmp in s["comparisons"]:
                 d = cmp["delta"]
                 against = "same λ_eff" if cmp["against"].startswith(MATCHED_PREFIX) else cmp["against"]
                 lines.append(
                     f"| {cmp['method']} | {against} | {_fmt(d[f])} | {_fmt(d[k])} | {_fmt(d[c])} | "
-                    f"{cmp['combined_wins']}/{cmp['combined_losses']} of {cmp['seeds']} | "
-                    f"{cmp['dominates']}/{cmp['dominated']} |"
+                    f"{cmp['combined_wins']}/{cmp['combined_losses']} of {cmp['seeds']} |"
                 )
             lines.append("")
     return "\n".join(lines)
@@ -253,7 +284,8 @@ def write(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> di
     summary = summarise(rows)
     slim = [{k: v for k, v in row.items() if k not in ("recipe", "key")} for row in rows]
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "quality.png"}
-    paths["json"].write_text(json.dumps(rounded({"meta": meta, "summary": summary, "rows": slim}), indent=1))
-    paths["md"].write_text(markdown(summary) + "\n" + "\n".join(f"- {n}" for n in meta.get("notes", [])) + "\n")
+    gaps = frontier_rows(rows)
+    paths["json"].write_text(json.dumps(rounded({"meta": meta, "summary": summary, "frontier_gap_closed": gaps, "rows": slim}), indent=1))
+    paths["md"].write_text(markdown(summary, rows) + "\n" + "\n".join(f"- {n}" for n in meta.get("notes", [])) + "\n")
     plot(summary, paths["png"])
     return paths
