@@ -255,7 +255,12 @@ def sigmoid_diff(
             raise ValueError(f"shape {tuple(tensor.shape)} differs from the target's {tuple(target.shape)}")
     mode = settings.mode(target.dim(), vocabulary)
     if mode == "subspace":
-        return _projected(base, target, donors, weights, settings, out_dtype, check_finite)
+        # one thread here too: the sketch's QRs and products are many small MKL/OpenMP
+        # regions, which stall like the gate's ops when the cores are shared (a 4096 × 1536
+        # projection took 1.35 s of CPU and 8 s of wall on torch's default 2 threads beside
+        # other jobs, against ~0.25 s on one thread)
+        with single_threaded(target.device.type == "cpu"):
+            return _projected(base, target, donors, weights, settings, out_dtype, check_finite)
     dtype = compute_dtype(base, target, *donors)
     b, t = base.reshape(-1), target.reshape(-1)
     flat_donors = [d.reshape(-1) for d in donors]
@@ -409,34 +414,33 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
-_threads_lock = threading.Lock()
-_threads_state = {"depth": 0, "saved": 1}
+_thread_state = threading.local()  # per thread: nesting depth and the count to restore
 
 
 @contextmanager
 def single_threaded(active: bool = True) -> Iterator[None]:
     """Run the body with torch's intra-op threads set to 1, then restore the count.
 
-    Nested and concurrent uses are counted: the first entry saves the count, the last exit
-    restores it. ``active=False`` does nothing (accelerator inputs). Other threads of the
-    process running torch ops meanwhile run them single-threaded too.
+    torch's count is per calling thread under its OpenMP backend (``omp_set_num_threads``
+    sets the caller's own setting), so the state here is per thread too: nested uses
+    restore once, at the outermost exit, and other threads keep their own counts.
+    ``active=False`` does nothing (accelerator inputs).
     """
     if not active:
         yield
         return
-    with _threads_lock:
-        if _threads_state["depth"] == 0:
-            _threads_state["saved"] = torch.get_num_threads()
-            if _threads_state["saved"] > 1:
-                torch.set_num_threads(1)
-        _threads_state["depth"] += 1
+    depth = getattr(_thread_state, "depth", 0)
+    if depth == 0:
+        _thread_state.saved = torch.get_num_threads()
+        if _thread_state.saved > 1:
+            torch.set_num_threads(1)
+    _thread_state.depth = depth + 1
     try:
         yield
     finally:
-        with _threads_lock:
-            _threads_state["depth"] -= 1
-            if _threads_state["depth"] == 0 and _threads_state["saved"] > 1:
-                torch.set_num_threads(_threads_state["saved"])
+        _thread_state.depth -= 1
+        if _thread_state.depth == 0 and _thread_state.saved > 1:
+            torch.set_num_threads(_thread_state.saved)
 
 
 class _Buffers(NamedTuple):

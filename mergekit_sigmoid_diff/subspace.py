@@ -22,21 +22,32 @@ also returns the share of ‖D‖²_F it removed, computed from the small produc
 (‖D V_r‖² etc., exact for orthonormal factors), and :func:`removed_share` computes that
 share without changing D.
 
-Finding the basis. ‖A‖²_F is known exactly (a float64 sum of squares), so the captured
-energy of any candidate subspace says whether it is large enough. Small matrices
-(min(m, n) ≤ ``EXACT_MAX_DIM``) use ``torch.linalg.svd``. Larger ones use a seeded
+Finding the basis. ‖A‖²_F is known (a float64 sum of the rows' squared norms), so the
+captured energy of any candidate subspace says whether it is large enough. Small matrices
+(min(m, n) ≤ ``EXACT_MAX_DIM`` = 256) use ``torch.linalg.svd`` (a 512 × 1536 SVD took
+195 ms on one thread, the sketch below 34 ms: hence 256, no longer 512). Larger ones use a seeded
 randomized range finder with power iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4
 and 5.1): Ω ~ N(0, 1)^{n×l} from a ``torch.Generator`` on the tensor's device (seed
 ``DEFAULT_SEED``, so reruns are byte-identical on the same device, library and thread
 count, and ``--cuda`` runs stay on the GPU), Q = orth((A Aᵀ)^q A Ω) with a QR after every
-product, then the SVD of the small l × n matrix Qᵀ A. Its singular values lower-bound
+product (q = 2: one power iteration fewer failed the tests' 1e-3 bound where the spectrum
+has a gap, 5e-3), then the singular values and vectors of the small l × n matrix B = Qᵀ A
+from the float64 eigendecomposition of the l × l matrix B Bᵀ (2 ms against 17–21 ms for
+the SVD of B at l = 80, n = 4096). Its singular values lower-bound
 the true ones (σ_j(QᵀA) ≤ σ_j(A)), so the rank picked from them is ≥ the exact r and the
 covered share, Σ_{j≤r} σ_j(QᵀA)², is what the returned basis really captures (exactly
 for U_r: ‖U_rᵀ A‖² ; a lower bound of ‖A V_r‖² for V_r). Adaptive rank: start with
 l = ``INITIAL_RANK`` + ``OVERSAMPLE`` columns; while the top l − ``OVERSAMPLE`` do not
 cover e · ‖A‖², grow l to max(2l, the rank the tail predicts: deficit / σ_l² more
-directions × 1.5) and sketch again; once l would reach min(m, n) / 2, a full
-``torch.linalg.svd`` is cheaper and is used instead.
+directions × 1.5) and sketch again; once l would exceed min(m, n) / ``GRAM_SHARE`` (3), the
+eigendecomposition of the Gram matrix A Aᵀ of the smaller side is cheaper and is used
+instead (:func:`_gram`: the exact factors up to the Gram matrix's rounding; on a
+1536 × 4096 float32 drift, 1 thread, machine shared: 6.2 s against 35 s for
+``torch.linalg.svd``, which it replaces there). Measured alternatives not taken: the Gram
+matrix from the start (4096 × 1536 power-law drift: 0.27 s for AᵀA plus 0.43–0.71 s for
+``eigh``, against 0.19 s for the whole sketch); one power iteration (4 products instead
+of 6: 1.3× faster, but the tests' gap case fails); block Krylov [AΩ, AAᵀAΩ] (no more
+accurate at the same cost on that drift).
 
 Accuracy and speed, measured (``python scripts/subspace_sweep.py --speed``, table in
 docs/quality/subspace-sweep.md): one 4096 × 14336 float32 drift, e = 0.5, 1 CPU thread,
@@ -49,7 +60,10 @@ the same over ‖D − D'_exact‖_F:
     pure Gaussian noise (worst case)          1262 (1209) +9e−5          0.14   0.48         50.4 (87)
 
 ("+ noise": Gaussian noise holding 30 % of ‖A‖²; project_out_ took 0.3 / 1.2 / 4.0 s
-on the input side, twice that for "both".)
+on the input side, twice that for "both". This table predates the Gram-matrix fallback:
+pure noise now takes that path, whose rank and subspace are the exact ones up to rounding
+— on a 4096 × 1536 noise drift rank 417 = exact 417, where the sketch gave 434 — and its
+time is in docs/performance.md.)
 
 The covered share always meets the target and matches the exact one to < 1e-3; the
 subspace itself matches the exact one where the spectrum decays (steep), while where it

@@ -21,6 +21,7 @@ The table then has a quiet and an under-load ratio to ``task_arithmetic`` per se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -30,9 +31,11 @@ from pathlib import Path
 
 from benchlib.speed import (
     CONDITIONS,
+    BackgroundLoad,
     DRIFTS,
     TASK_ARITHMETIC,
     LlamaShape,
+    big_tensor_timings,
     build_synthetic_triple,
     compare_merges,
     kernel_timings,
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-merges", action="store_true")
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
+    parser.add_argument("--big-tensor", action="store_true",
+                        help="seconds per 4096 x 14336 bf16 tensor (8B MLP) for task_arithmetic, the gate and the "
+                             "projection (power-law and pure-noise drift), at --threads (1 if 0), and an 8B estimate")
     parser.add_argument("--subspace-tensor", action="store_true",
                         help="also time protect_subspace's basis and projection on one 4096 x 14336 drift (8B MLP shape)")
     args = parser.parse_args(argv)
@@ -131,15 +137,27 @@ def main(argv: list[str] | None = None) -> None:
                     for condition, comparison in comparisons.items()
                 }
             if not args.skip_kernel and current is shape:
-                print(f"   kernel micro-benchmark, ms per tensor, threads={args.threads} ({machine_load()})", flush=True)
-                rows = kernel_timings(triple, largest_tensor_names(current), variants, repeats=args.repeats, threads=args.threads)
-                for row in rows:
-                    print(f"   {row['tensor']} {tuple(row['shape'])}")
-                    ta_wall, ta_cpu = row["ms_wall"][TASK_ARITHMETIC], row["ms_cpu"][TASK_ARITHMETIC]
-                    for label in row["ms_wall"]:
-                        print(f"     {label:28s} wall {row['ms_wall'][label]:8.1f} ms ({row['ms_wall'][label] / ta_wall:5.2f}x)"
-                              f"  cpu {row['ms_cpu'][label]:8.1f} ms ({row['ms_cpu'][label] / ta_cpu:5.2f}x)")
-                report["kernel"][current.key] = rows
+                report["kernel"][current.key] = {}
+                for condition in (CONDITIONS if args.load else ("quiet",)):
+                    with BackgroundLoad() if condition == "load" else contextlib.nullcontext():
+                        print(f"   kernel micro-benchmark, {condition}, ms per tensor, threads={args.threads or 'default'}"
+                              f" ({machine_load()})", flush=True)
+                        rows = kernel_timings(triple, largest_tensor_names(current), variants, repeats=args.repeats,
+                                              threads=args.threads)
+                    for row in rows:
+                        print(f"   {row['tensor']} {tuple(row['shape'])}")
+                        ta_wall, ta_cpu = row["ms_wall"][TASK_ARITHMETIC], row["ms_cpu"][TASK_ARITHMETIC]
+                        for label in row["ms_wall"]:
+                            print(f"     {label:28s} wall {row['ms_wall'][label]:8.1f} ms ({row['ms_wall'][label] / ta_wall:5.2f}x)"
+                                  f"  cpu {row['ms_cpu'][label]:8.1f} ms ({row['ms_cpu'][label] / ta_cpu:5.2f}x)")
+                    report["kernel"][current.key][condition] = rows
+    if args.big_tensor:
+        threads = args.threads or 1
+        print(f"   one 4096 x 14336 bf16 tensor, threads={threads} ({machine_load()})", flush=True)
+        big = big_tensor_timings(threads=threads, log=_flush_print)
+        report["big_tensor"] = big
+        for label, seconds in big["seconds"].items():
+            print(f"   {label:60s} {seconds:7.2f} s per tensor, Llama-3-8B compute ~{big['llama3_8b_estimate_s'][label] / 60:5.1f} min")
     if args.subspace_tensor:
         # the same measurement as scripts/subspace_sweep.py --speed, at this run's thread count
         from subspace_sweep import speed as subspace_speed, speed_markdown

@@ -450,3 +450,88 @@ def machine_load() -> Optional[str]:
     except OSError:
         return None
     return f"load average {load1:.2f} on {os.cpu_count()} cores"
+
+
+# Llama-3-8B's tensors (untied embeddings): (shape, how many)
+LLAMA3_8B = {
+    "embed_tokens / lm_head": ((128256, 4096), 2),
+    "q_proj / o_proj": ((4096, 4096), 64),
+    "k_proj / v_proj": ((1024, 4096), 64),
+    "gate_proj / up_proj / down_proj": ((14336, 4096), 96),
+    "norms": ((4096,), 65),
+}
+
+
+def big_tensor_timings(
+    shape: tuple[int, int] = (4096, 14336), *, threads: int = 1, repeats: int = 3, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Seconds per tensor at an 8B MLP shape, bf16 inputs, through ``merge_tensors`` as in a
+    merge: ``task_arithmetic``, ``sigmoid_diff``'s element-wise gate (the published default),
+    and ``protect_subspace: input`` at energy 0.5 on a power-law drift (σ_j ∝ j^−0.5 plus 10 %
+    noise energy, :func:`_low_rank_drift`) and on pure Gaussian noise (the worst case, one
+    run). Medians of ``repeats`` runs, taken in turn; then an estimate for a whole Llama-3-8B
+    merge from the measured per-element rates (:data:`LLAMA3_8B`)."""
+    from mergekit.merge_methods.api import merge_tensors
+
+    from mergekit_sigmoid_diff.plugin import register
+
+    register()
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=generator).mul_(0.02)
+    drifts = {"power-law": _low_rank_drift(shape, generator, POWER_LAW_NOISE),
+              "pure noise": torch.randn(shape, generator=generator).mul_(0.001)}
+    donor = torch.randn(shape, generator=generator).mul_(0.001).add_(base).bfloat16()
+    targets = {kind: (base + drift).bfloat16() for kind, drift in drifts.items()}
+    base = base.bfloat16()
+    del drifts
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    def call(method: str, target: torch.Tensor, **parameters) -> Callable[[], torch.Tensor]:
+        if method == TASK_ARITHMETIC:
+            return lambda: merge_tensors([base, target, donor], method, parameters={"weight": 1.0}, base_index=0)
+        return lambda: merge_tensors([base, target, donor], method, base_index=0,
+                                     parameters={"role": ["target", "donor"], **parameters})
+
+    power = targets["power-law"]
+    calls = {
+        TASK_ARITHMETIC: call(TASK_ARITHMETIC, power),
+        "sigmoid_diff (element-wise gate)": call("sigmoid_diff", power),
+        "protect_subspace input e=0.5, power-law drift": call("sigmoid_diff", power, protect_subspace="input"),
+    }
+    seconds: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, run in calls.items():
+            start = time.perf_counter()
+            run()
+            seconds[label].append(time.perf_counter() - start)
+            log(f"   {label}: {seconds[label][-1]:.2f} s")
+    worst = "protect_subspace input e=0.5, pure-noise drift (worst case)"
+    start = time.perf_counter()
+    call("sigmoid_diff", targets["pure noise"], protect_subspace="input")()
+    seconds[worst] = [time.perf_counter() - start]
+    log(f"   {worst}: {seconds[worst][-1]:.2f} s")
+    per_tensor = {label: statistics.median(v) for label, v in seconds.items()}
+    return {"shape": list(shape), "threads": threads, "seconds": per_tensor, "runs": seconds,
+            "llama3_8b_estimate_s": llama3_8b_estimate(shape, per_tensor)}
+
+
+def llama3_8b_estimate(shape: tuple[int, int], per_tensor: dict[str, float]) -> dict[str, float]:
+    """Compute seconds for a whole Llama-3-8B merge, scaled from one tensor's times by element
+    count (the element-wise work and the sketch's products both grow with m·n at a fixed
+    sketch width; the projection covers the 2-D non-vocabulary weights, the vocabulary
+    tensors and norms take the gate). Compute only: reading and writing the files comes on top."""
+    numel = shape[0] * shape[1]
+    counts = {kind: int(torch.Size(s).numel()) * n for kind, (s, n) in LLAMA3_8B.items()}
+    total = sum(counts.values())
+    projected = counts["q_proj / o_proj"] + counts["k_proj / v_proj"] + counts["gate_proj / up_proj / down_proj"]
+    rate = {label: seconds / numel for label, seconds in per_tensor.items()}
+    gate = rate["sigmoid_diff (element-wise gate)"]
+    return {
+        TASK_ARITHMETIC: rate[TASK_ARITHMETIC] * total,
+        "sigmoid_diff (element-wise gate)": gate * total,
+        "protect_subspace input e=0.5, power-law drift":
+            rate["protect_subspace input e=0.5, power-law drift"] * projected + gate * (total - projected),
+        "protect_subspace input e=0.5, pure-noise drift (worst case)":
+            rate["protect_subspace input e=0.5, pure-noise drift (worst case)"] * projected + gate * (total - projected),
+    }

@@ -1,0 +1,101 @@
+"""The element-wise kernel's thread handling and chunk bounds (kernel.single_threaded, CHUNK,
+DEVICE_CHUNK): the chunk loop runs on one torch thread and gives the count back, whatever
+happens inside; the device path is chunked too. The arithmetic itself is held to the float64
+reference in test_kernel*.py; here only the bookkeeping around it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mergekit_sigmoid_diff import kernel
+from tests.reference import published_formula
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _triple(shape=(300, 500), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=dtype)
+    return base, base + 0.1 * torch.randn(shape, generator=g, dtype=dtype), base + 0.1 * torch.randn(shape, generator=g, dtype=dtype)
+
+
+def test_the_chunk_loop_runs_on_one_thread_and_restores_the_count(two_threads, monkeypatch):
+    seen = []
+    real = kernel._gate_chunks
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "_gate_chunks", spy)
+    base, target, donor = _triple(dtype=torch.float64)
+    out = kernel.sigmoid_diff(base, target, [donor], [1.0])
+    assert seen == [1]
+    assert torch.get_num_threads() == 2
+    torch.testing.assert_close(out, published_formula(base, target, [donor], [1.0]), rtol=0, atol=1e-12)
+
+
+def test_the_thread_count_comes_back_after_an_error(two_threads):
+    base, target, donor = _triple()
+    donor[3, 4] = float("nan")
+    with pytest.raises(kernel.NonFiniteError):
+        kernel.sigmoid_diff(base, target, [donor], [1.0], check_finite=True)
+    assert torch.get_num_threads() == 2
+
+
+def test_nested_uses_restore_once_and_threads_keep_their_own_counts(two_threads):
+    with kernel.single_threaded():
+        assert torch.get_num_threads() == 1
+        with kernel.single_threaded():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1  # the inner exit does not restore early
+    assert torch.get_num_threads() == 2
+    with kernel.single_threaded(active=False):
+        assert torch.get_num_threads() == 2
+
+    # torch's count is per thread (OpenMP): a worker's kernel leaves the others' counts alone
+    inside, release, seen = threading.Barrier(2), threading.Event(), {}
+
+    def worker():
+        torch.set_num_threads(2)
+        with kernel.single_threaded():
+            seen["inside"] = torch.get_num_threads()
+            inside.wait()
+            release.wait()
+        seen["after"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait()
+    assert torch.get_num_threads() == 2
+    with kernel.single_threaded():
+        assert torch.get_num_threads() == 1  # this thread's own state, not the worker's depth
+    assert torch.get_num_threads() == 2
+    release.set()
+    thread.join()
+    assert seen == {"inside": 1, "after": 2}
+
+
+def test_chunk_sizes_and_their_scratch_bound():
+    # the documented bounds: 5 buffers of CHUNK float32 on CPU (2.5 MiB), of DEVICE_CHUNK off it (320 MiB)
+    assert 5 * kernel.CHUNK * 4 == 5 * 2**19
+    assert 5 * kernel.DEVICE_CHUNK * 4 == 320 * 2**20
+    assert kernel.DEVICE_CHUNK < 128256 * 4096  # an 8B embedding is chunked on a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_is_chunked_and_exact(monkeypatch):
+    monkeypatch.setattr(kernel, "DEVICE_CHUNK", 4096)  # many chunks on a small tensor
+    base, target, donor = _triple(dtype=torch.float64)
+    out = kernel.sigmoid_diff(base.cuda(), target.cuda(), [donor.cuda()], [1.0], check_finite=True)
+    assert out.is_cuda
+    torch.testing.assert_close(out.cpu(), published_formula(base, target, [donor], [1.0]), rtol=0, atol=1e-12)
