@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.big_tensor:
         threads = args.threads or 1
         print(f"   one 4096 x 14336 bf16 tensor, threads={threads} ({machine_load()})", flush=True)
-        big = big_tensor_timings(threads=threads, log=_flush_print)
+        big = big_tensor_timings(threads=threads, repeats=args.repeats, log=_flush_print)
         report["big_tensor"] = big
         for label, seconds in big["seconds"].items():
             print(f"   {label:60s} {seconds:7.2f} s per tensor, Llama-3-8B compute ~{big['llama3_8b_estimate_s'][label] / 60:5.1f} min")
