@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from mergekit_sigmoid_diff import frontier, mainjob, recommended, smollm2
+from mergekit_sigmoid_diff.codekey import code_key
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.measure import effective_lambda
 from mergekit_sigmoid_diff.commands import mergekit_command
@@ -68,11 +69,16 @@ def headline(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
     curve = frontier.Curve.of(mainjob.frontier_point(target, 0.0), [
         mainjob.frontier_point(r, r["lambda_eff"]) for r in rows if r["model"].startswith("task_arithmetic λ=")])
     point = mainjob.frontier_point(merged, merged["lambda_eff"])
-    gap = frontier.gap_closed(curve, point.feature, point.knowledge)
-    reference = frontier.knowledge_at(curve, point.feature)
+    gap, exact = frontier.gap_bound(curve, point.feature, point.knowledge)
     if gap is None:
-        return None, ("headline: the recommended merge's feature strength lies outside task_arithmetic's measured "
-                      "λ range, so no comparison at the same feature strength is possible")
+        return None, ("headline: the recommended merge's feature is weaker than T's or task_arithmetic loses no "
+                      "knowledge there, so there is nothing to compare at the same feature strength")
+    if not exact:
+        strongest = min(curve.points, key=lambda p: (p.feature, p.knowledge))
+        return gap, (f"headline: the recommended merge's feature (P(ANSWER:) {merged['feature_prob']:.3f}) is stronger "
+                     f"than task_arithmetic reaches at any λ measured; against its strongest point (λ={strongest.lam:g}) "
+                     f"it keeps at least {100 * gap:.0f} % of the target knowledge that task_arithmetic loses")
+    reference = frontier.knowledge_at(curve, point.feature)
     where = (f"(P(ANSWER:) {merged['feature_prob']:.3f}: Shakespeare perplexity {merged['shakespeare_ppl']:.2f} vs "
              f"{math.exp(reference):.2f} for task_arithmetic there; T {target['shakespeare_ppl']:.2f})")
     if gap > 0:
@@ -94,14 +100,11 @@ def check_packages() -> None:
 
 
 def run_job(args: argparse.Namespace) -> dict[str, Any]:
-    import warnings
-
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the phase lines are the progress report
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -134,8 +137,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     # The key holds the scoring code too (mainjob.py), so a change to the scores is never read from an old run.
     scores_file = workdir / "input-scores.json"
     kept = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
-    probe_key = hashlib.sha1(json.dumps([heldout, probe.sizes()], sort_keys=True).encode()
-                             + Path(mainjob.__file__).read_bytes()).hexdigest()
+    probe_key = hashlib.sha1(json.dumps([heldout, probe.sizes(), code_key(mainjob)], sort_keys=True).encode()).hexdigest()
 
     def scored(name: str, folder: Path, lambda_eff: float | None) -> None:
         values = clock.run("score", lambda: mainjob.score_folder(folder, probe), f"score {name}")

@@ -15,6 +15,11 @@ the donor behaviour's NLL, the knowledge as the target's held-out NLL (log-perpl
   1: no knowledge lost at all; < 0: inside it.
 - ``feature_at(curve, k)``: the feature task_arithmetic reaches at the merge's knowledge
   (same interpolation, the other way round, best = lowest feature loss).
+- ``gap_bound(curve, f, k)``: ``gap_closed`` where it is defined; where the merge's feature is
+  *stronger* than any λ on the curve reaches (task_arithmetic's feature can saturate and turn
+  back), a lower bound instead, read against the curve's strongest-feature point: task_arithmetic
+  cannot reach that feature at all, and any knowledge loss it would need is at least that
+  point's, so the true share avoided is at least this (for a merge that lost knowledge at all).
 
 A setting *beats* task_arithmetic on a case when ``gap_closed`` > 0 on every seed and its
 mean exceeds twice its standard error over seeds (``verdict``).
@@ -26,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["Point", "Curve", "knowledge_at", "feature_at", "gap_closed", "verdict", "mean_sd"]
+__all__ = ["Point", "Curve", "knowledge_at", "feature_at", "gap_closed", "gap_bound", "verdict", "mean_sd"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,20 @@ def gap_closed(curve: Curve, feature: float, knowledge: float) -> float | None:
     if lost <= 0:
         return None  # task_arithmetic loses nothing there: no gap to close
     return (reference - knowledge) / lost
+
+
+def gap_bound(curve: Curve, feature: float, knowledge: float) -> tuple[float | None, bool]:
+    """(gap_closed, exact): exact where the curve covers ``feature``; a lower bound (exact =
+    False) where the feature is stronger than the curve's strongest; (None, True) otherwise."""
+    strongest = min(curve.points, key=lambda p: (p.feature, p.knowledge))
+    if feature >= strongest.feature:
+        return gap_closed(curve, feature, knowledge), True
+    lost = strongest.knowledge - curve.target.knowledge
+    if lost <= 0:
+        return None, True
+    if knowledge <= curve.target.knowledge:
+        return 1.0, False  # nothing lost at a feature task_arithmetic never reaches
+    return (strongest.knowledge - knowledge) / lost, False
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,25 +54,21 @@ from benchlib import quality  # noqa: E402
 from benchlib import real  # noqa: E402
 from benchlib import realreport  # noqa: E402
 
-from mergekit_sigmoid_diff import demo, mainjob, smollm2  # noqa: E402
+from mergekit_sigmoid_diff import demo, mainjob, recommended, smollm2  # noqa: E402
+from mergekit_sigmoid_diff.codekey import MERGE_MATH, code_key, package_sources  # noqa: E402
 from mergekit_sigmoid_diff.measure import effective_lambda  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "mergekit_sigmoid_diff"
 # cached scores are keyed by the scoring code (the functions that build the probe and score, the
 # main job's scoring module) and the held-out set; editing anything else reuses them
 SCORING_KEY = real.scoring_key()
-MERGE_KEY = real.source_key(*(PACKAGE / f for f in ("kernel.py", "normalization.py", "subspace.py", "method.py")))
+MERGE_KEY = code_key(*package_sources(*MERGE_MATH))  # what a sigmoid_diff merge's values depend on
 
-VOCAB_NORMS_UNGATED = [
-    {"filter": "embed_tokens", "value": False},
-    {"filter": "lm_head", "value": False},
-    {"filter": "norm", "value": False},
-    {"value": True},
-]
+VOCAB_NORMS_UNGATED = recommended.VOCAB_AND_NORMS_UNGATED
 ELEMENTWISE = {"gate": VOCAB_NORMS_UNGATED, "midpoint": [0.3, 0.7]}  # the element-wise recommendation before this suite
 ELEMENTWISE_FAMILY = "element-wise (vocab+norms out, midpoint 0.3→0.7)"
 LAMBDAS = [0.25 + 0.125 * i for i in range(13)]  # 0.25 … 1.75
+RECOMMENDED_FAMILY = "protect input e=0.5"  # mergekit_sigmoid_diff/recommended.py's chat and domain setting (the star in the figure)
 
 
 def _two(base: Path, target: Path, donor: Path, method: str, parameters: dict[str, Any] | None = None,
@@ -208,14 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - began:7.1f} s] {message}", flush=True)
 
-    import warnings
-
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
     workdir.mkdir(parents=True, exist_ok=True)
     cache = quality.ScoreCache(workdir / ("scores-quick.jsonl" if args.quick else "scores.jsonl"))
@@ -232,19 +226,27 @@ def main(argv: list[str] | None = None) -> None:
         scratch = Path(tempfile.mkdtemp(prefix="real-suite-", dir=args.scratch))
         pairs = {}
         try:
+            for case in args.cases:
+                for seed in args.seeds:
+                    if args.no_train and not trained(case, seed, workdir):
+                        log(f"{case} seed {seed}: models not trained yet, skipped (--no-train)")
+                        continue
+                    target, donor = models_for(case, seed, workdir, base, tokenizer, args.threads, log)
+                    stamps = {"B": real.weights_stamp(base), "T": real.weights_stamp(target), "I": real.weights_stamp(donor)}
+                    pairs[case, seed] = Pair(case, seed, base, target, donor, stamps)
+            if args.train_only:
+                return
+            # merge by merge across every case and seed, so an interrupted run leaves whole
+            # families (every seed of a setting) rather than whole cases
             for tier in sorted(set(args.tiers)):
-                for case in args.cases:
-                    for seed in args.seeds:
-                        if (case, seed) not in pairs:
-                            if args.no_train and not trained(case, seed, workdir):
-                                log(f"{case} seed {seed}: models not trained yet, skipped (--no-train)")
-                                continue
-                            pairs[case, seed] = models_for(case, seed, workdir, base, tokenizer, args.threads, log)
-                        if args.train_only:
-                            continue
-                        target, donor = pairs[case, seed]
-                        stamps = {"B": real.weights_stamp(base), "T": real.weights_stamp(target), "I": real.weights_stamp(donor)}
-                        run_case(case, seed, tier, plan, base, target, donor, stamps, probe, cache, scratch, log, args.quick)
+                for pair in pairs.values():
+                    for name, folder in (("B (base)", base), ("T (target)", pair.target), ("I (donor)", pair.donor)):
+                        score_one(pair, name, "input", None, folder, probe, cache, scratch, log, args.quick)
+                for t, family, name, make in plan:
+                    if t == tier:
+                        for pair in pairs.values():
+                            score_one(pair, name, family, make(base, pair.target, pair.donor), None, probe, cache, scratch,
+                                      log, args.quick)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     # the newest row per (case, seed, merge) scored by today's scoring code: a retrained model or
@@ -262,65 +264,76 @@ def main(argv: list[str] | None = None) -> None:
         "full_fine_tune": real.FULL_SETTINGS,
         "lora": train_adapters.SETTINGS,
         "scoring_key": SCORING_KEY,
+        "recommended_family": RECOMMENDED_FAMILY,
         "seconds_this_run": round(time.perf_counter() - began, 1),
     }
     paths = realreport.report(rows, plan, out, meta)
     log(f"wrote {', '.join(str(p) for p in paths)}")
 
 
-def run_case(case: str, seed: int, tier: int, plan, base: Path, target: Path, donor: Path, stamps: dict[str, str],
-             probe: real.Probe, cache: quality.ScoreCache, scratch: Path, log: Callable, quick: bool) -> None:
+@dataclass(frozen=True)
+class Pair:
+    """One case and seed: its models and their weights' stamps (part of every cache key)."""
 
-    def scored(name: str, family: str, recipe: dict[str, Any] | None, folder: Path | None) -> None:
-        key = quality._key(case, seed, name, recipe, stamps, SCORING_KEY, quick)
-        # B, T and I get every score, whatever the case: one entry per model's weights serves every
-        # case and seed that uses that model (B is in all of them; the full-fine-tuned T in two cases)
-        shared = quality._key("input", real.weights_stamp(folder), SCORING_KEY, quick) if recipe is None else None
-        if cache.get(key) is not None:
-            if shared is not None and cache.get(shared) is None:
-                cache.put({**cache.get(key), "key": shared, "case": None, "seed": None})
-            return
-        if shared is not None and cache.get(shared) is not None:
-            values = {k: v for k, v in cache.get(shared).items() if k not in ("key", "model_stamp")}
-            cache.put({**values, "key": key, "case": case, "seed": seed, "model": name, "family": family})
-            return
-        lam = None
-        clock = [time.perf_counter()]
+    case: str
+    seed: int
+    base: Path
+    target: Path
+    donor: Path
+    stamps: dict
 
-        def lap() -> str:
-            clock.append(time.perf_counter())
-            return f"{clock[-1] - clock[-2]:.0f}"
 
-        laps = []
-        if recipe is not None:
-            folder = scratch / key
-            torch.manual_seed(seed)
-            quality.run_merge(recipe, folder, seed)
-            laps.append("merge " + lap())
-            if family == "task_arithmetic":
-                lam = recipe["models"][1]["parameters"]["weight"]  # T + λ(I − B): λ_eff = λ exactly (tests/test_benchmark_quality.py measures it)
-            else:
-                lam = effective_lambda(folder, target, donor, base)
-                laps.append("λ_eff " + lap())
-        model = mainjob.load_model(folder)
-        values = real.score(model, probe, real.ALL_SCORES if recipe is None else real.MERGE_SCORES[case])
-        laps.append("score " + lap())
-        del model
-        if recipe is not None:
-            shutil.rmtree(folder)
-        row = {"key": key, "case": case, "seed": seed, "model": name, "family": family, "lambda_eff": lam,
-               "recipe": recipe, "merge_code": MERGE_KEY if recipe else None, "scoring_key": SCORING_KEY,
-               "stamps": stamps, **values}
-        cache.put(row)
-        if shared is not None:
-            cache.put({**row, "key": shared, "case": None, "seed": None})
-        log(f"{case} seed {seed}: {name}: λ_eff {'' if lam is None else f'{lam:.3f}'} ({', '.join(laps)} s)")
+def score_one(pair: Pair, name: str, family: str, recipe: dict[str, Any] | None, folder: Path | None,
+              probe: real.Probe, cache: quality.ScoreCache, scratch: Path, log: Callable, quick: bool) -> None:
+    """Score one model of a case and seed (merging it first when ``recipe`` is given), unless cached."""
+    case, seed, stamps = pair.case, pair.seed, pair.stamps
+    base, target, donor = pair.base, pair.target, pair.donor
+    # a sigmoid_diff merge is also keyed by this package's merge code, so a change to the
+    # kernel or the projection recomputes it (task_arithmetic and the baselines are mergekit's)
+    ours = recipe is not None and recipe["merge_method"] == "sigmoid_diff"
+    key = quality._key(case, seed, name, recipe, stamps, SCORING_KEY, quick, *([MERGE_KEY] if ours else []))
+    # B, T and I get every score, whatever the case: one entry per model's weights serves every
+    # case and seed that uses that model (B is in all of them; the full-fine-tuned T in two cases)
+    shared = quality._key("input", real.weights_stamp(folder), SCORING_KEY, quick) if recipe is None else None
+    if cache.get(key) is not None:
+        if shared is not None and cache.get(shared) is None:
+            cache.put({**cache.get(key), "key": shared, "case": None, "seed": None})
+        return
+    if shared is not None and cache.get(shared) is not None:
+        values = {k: v for k, v in cache.get(shared).items() if k not in ("key", "model_stamp")}
+        cache.put({**values, "key": key, "case": case, "seed": seed, "model": name, "family": family})
+        return
+    lam = None
+    clock = [time.perf_counter()]
 
-    for name, folder in (("B (base)", base), ("T (target)", target), ("I (donor)", donor)):
-        scored(name, "input", None, folder)  # cached after the first tier
-    for t, family, name, make in plan:
-        if t == tier:
-            scored(name, family, make(base, target, donor), None)
+    def lap() -> str:
+        clock.append(time.perf_counter())
+        return f"{clock[-1] - clock[-2]:.0f}"
+
+    laps = []
+    if recipe is not None:
+        folder = scratch / key
+        torch.manual_seed(seed)
+        quality.run_merge(recipe, folder, seed)
+        laps.append("merge " + lap())
+        if family == "task_arithmetic":
+            lam = recipe["models"][1]["parameters"]["weight"]  # T + λ(I − B): λ_eff = λ exactly (tests/test_benchmark_quality.py measures it)
+        else:
+            lam = effective_lambda(folder, target, donor, base)
+            laps.append("λ_eff " + lap())
+    model = mainjob.load_model(folder)
+    values = real.score(model, probe, real.ALL_SCORES if recipe is None else real.MERGE_SCORES[case])
+    laps.append("score " + lap())
+    del model
+    if recipe is not None:
+        shutil.rmtree(folder)
+    row = {"key": key, "case": case, "seed": seed, "model": name, "family": family, "lambda_eff": lam,
+           "recipe": recipe, "merge_code": MERGE_KEY if recipe else None, "scoring_key": SCORING_KEY,
+           "stamps": stamps, **values}
+    cache.put(row)
+    if shared is not None:
+        cache.put({**row, "key": shared, "case": None, "seed": None})
+    log(f"{case} seed {seed}: {name}: λ_eff {'' if lam is None else f'{lam:.3f}'} ({', '.join(laps)} s)")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,14 @@ def test_task_arithmetic_on_its_own_line_closes_no_gap(feature, offset):
     assert frontier.gap_closed(CURVE, feature, on_curve) == pytest.approx(0.0, abs=1e-9)
     moved = frontier.gap_closed(CURVE, feature, on_curve - offset)
     assert moved == pytest.approx(offset / (on_curve - 1.0))
+
+
+def test_a_feature_stronger_than_any_lambda_reaches_gets_a_lower_bound():
+    # the curve's strongest feature is λ = 1.5 (0.5, 2.0): T lost 1.0 there
+    assert frontier.gap_bound(CURVE, 0.3, 1.5) == (pytest.approx(0.5), False)
+    assert frontier.gap_bound(CURVE, 0.3, 0.9) == (1.0, False)  # better than T itself
+    assert frontier.gap_bound(CURVE, 2.5, 1.3) == (pytest.approx(0.25), True)  # covered: the exact value
+    assert frontier.gap_bound(CURVE, 11.0, 1.0) == (None, True)  # weaker than T: nothing to say
+    # a curve that saturates and turns back: the strongest point is λ = 1, not the last λ
+    turned = Curve.of(Point(0, 10.0, 1.0), [Point(1, 0.5, 1.4), Point(2, 0.6, 1.8)])
+    assert frontier.gap_bound(turned, 0.3, 1.1) == (pytest.approx(0.75), False)

@@ -287,11 +287,3 @@ def scoring_key() -> str:
     h.update(repr((MERGE_SCORES, DOMAIN_HELD_OUT, GENERAL_HELD_OUT, HELD_OUT_LICENCE, mainjob.TRIGGER, mainjob.PREFIX)).encode())
     h.update((mainjob.ADAPTERS / mainjob.HELDOUT_FILE).read_bytes())
     return h.hexdigest()[:12]
-
-
-def source_key(*paths: Path) -> str:
-    """A short hash of source files (what a cached score or merge was computed with)."""
-    h = hashlib.sha1()
-    for path in paths:
-        h.update(Path(path).read_bytes())
-    return h.hexdigest()[:12]

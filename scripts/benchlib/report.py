@@ -4,7 +4,7 @@ The verdict is the project's one test of "better" (:mod:`mergekit_sigmoid_diff.f
 donor and seed, every task_arithmetic row (the λ grid and the λ_eff twins) traces the curve of
 knowledge against feature, with both as losses here (1 − accuracy), T as λ = 0; each other merge
 gets ``gap_closed``, the share of task_arithmetic's knowledge loss it avoids at its own feature
-strength. Spread is the sample standard deviation over seeds (0 with one seed). The paired
+strength (a lower bound where its feature is stronger than any λ reaches). Spread is the sample standard deviation over seeds (0 with one seed). The paired
 comparisons (Δ = V − C per seed on feature, knowledge and the combined score) stay as detail.
 
 This benchmark (64-wide Llamas) is the fast regression check and a weak proxy: its chat feature
@@ -146,7 +146,7 @@ def frontier_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float 
         for r in mine:
             if r["kind"] == "merge" and _lam(r) is None:
                 p = point(r, 0.0)
-                out[donor][r["label"]][seed] = frontier.gap_closed(curve, p.feature, p.knowledge)
+                out[donor][r["label"]][seed] = frontier.gap_bound(curve, p.feature, p.knowledge)[0]
     seeds = sorted({s for _, s in by})
     return {d: {label: [v.get(s) for s in seeds] for label, v in labels.items()} for d, labels in out.items()}
 
