@@ -18,6 +18,7 @@ from transformers import LlamaForCausalLM
 
 from mergekit_sigmoid_diff.tiny import build_triple, perturbed, save_state, tiny_config, tiny_tokenizer
 from mergekit_sigmoid_diff.commands import mergekit_command
+from mergekit_sigmoid_diff import recommended
 
 MERGEKIT_YAML = mergekit_command("mergekit-yaml")
 
@@ -36,12 +37,7 @@ def one_donor_recipe(paths: dict[str, Any], **top: Any) -> dict[str, Any]:
 
 
 # the recommended `gate` filters: embeddings, lm_head and norms take the plain diff
-EXEMPT_VOCAB_AND_NORMS = [
-    {"filter": "embed_tokens", "value": False},
-    {"filter": "lm_head", "value": False},
-    {"filter": "norm", "value": False},
-    {"value": True},
-]
+EXEMPT_VOCAB_AND_NORMS = recommended.VOCAB_AND_NORMS_UNGATED  # the one definition
 
 
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:

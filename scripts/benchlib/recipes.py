@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergekit_sigmoid_diff import recommended
+
 # Exempt vocabulary tensors and norms from the gate: they take the plain diff (issue 9).
-EXEMPT_VOCAB_AND_NORMS = [
-    {"filter": "embed_tokens", "value": False},
-    {"filter": "lm_head", "value": False},
-    {"filter": "norm", "value": False},
-    {"value": True},
-]
+EXEMPT_VOCAB_AND_NORMS = recommended.VOCAB_AND_NORMS_UNGATED  # the one definition
 TA_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.1, 1.25, 1.5)
 # LiNeS (Wang et al., ICLR 2025): the donor weight grows linearly with depth, first → last layer
 LINES_GRADIENTS = ((0.5, 1.0), (0.75, 1.25), (0.9, 1.3), (1.0, 1.5))
@@ -122,10 +119,13 @@ def available_variants(quick: bool = False) -> tuple[list[Variant], list[str]]:
     # The element-wise variants measured before (steepness, midpoint, normalize, weight 1.5)
     # are in git history and docs/quality; these are the published default, the element-wise
     # recommendation and the subspace grid.
+    chat_parameters, chat_weight = recommended.split(recommended.RECOMMENDED["chat-vector"])
     variants = [
         sigmoid("sigmoid_diff (defaults)"),
         sigmoid("sigmoid_diff exempt, midpoint by layer 0.3→0.7", gate=gate, midpoint=[0.3, 0.7]),
         *(protected(*point) for point in SUBSPACE_GRID),
+        # the chat-vector job's recommended setting, read from the one place it is defined
+        sigmoid("sigmoid_diff recommended (chat-vector)", chat_weight, **chat_parameters),
     ]
     if "varm" in methods:
         varm_params = {p.name for p in methods["varm"].spec.parameters}
