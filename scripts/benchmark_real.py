@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--scratch", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
                         help="where merges are written before scoring (default /dev/shm)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                        help="merge only the settings whose family starts with one of these (the report keeps every cached row)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the cached scores")
     parser.add_argument("--train-only", action="store_true", help="train (or check) every case's models, merge nothing")
     parser.add_argument("--no-train", action="store_true", help="skip a case and seed whose models are not trained yet")
@@ -238,11 +240,12 @@ def main(argv: list[str] | None = None) -> None:
                 return
             # merge by merge across every case and seed, so an interrupted run leaves whole
             # families (every seed of a setting) rather than whole cases
+            chosen = [m for m in plan if not args.only or m[1].startswith(tuple(args.only))]
             for tier in sorted(set(args.tiers)):
                 for pair in pairs.values():
                     for name, folder in (("B (base)", base), ("T (target)", pair.target), ("I (donor)", pair.donor)):
                         score_one(pair, name, "input", None, folder, probe, cache, scratch, log, args.quick)
-                for t, family, name, make in plan:
+                for t, family, name, make in chosen:
                     if t == tier:
                         for pair in pairs.values():
                             score_one(pair, name, family, make(base, pair.target, pair.donor), None, probe, cache, scratch,
