@@ -74,7 +74,7 @@ def headline(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
         return None, ("headline: the recommended merge's feature is weaker than T's or task_arithmetic loses no "
                       "knowledge there, so there is nothing to compare at the same feature strength")
     if not exact:
-        strongest = min(curve.points, key=lambda p: (p.feature, p.knowledge))
+        strongest = curve.strongest
         return gap, (f"headline: the recommended merge's feature (P(ANSWER:) {merged['feature_prob']:.3f}) is stronger "
                      f"than task_arithmetic reaches at any λ measured; against its strongest point (λ={strongest.lam:g}) "
                      f"it keeps at least {100 * gap:.0f} % of the target knowledge that task_arithmetic loses")

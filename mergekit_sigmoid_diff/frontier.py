@@ -58,6 +58,11 @@ class Curve:
     def target(self) -> Point:
         return self.points[0]
 
+    @property
+    def strongest(self) -> Point:
+        """The point with the strongest feature (lowest feature loss; ties: least knowledge loss)."""
+        return min(self.points, key=lambda p: (p.feature, p.knowledge))
+
 
 def _along(curve: Curve, x: float, get_x, get_y) -> float | None:
     best = None
@@ -95,7 +100,7 @@ def gap_closed(curve: Curve, feature: float, knowledge: float) -> float | None:
 def gap_bound(curve: Curve, feature: float, knowledge: float) -> tuple[float | None, bool]:
     """(gap_closed, exact): exact where the curve covers ``feature``; a lower bound (exact =
     False) where the feature is stronger than the curve's strongest; (None, True) otherwise."""
-    strongest = min(curve.points, key=lambda p: (p.feature, p.knowledge))
+    strongest = curve.strongest
     if feature >= strongest.feature:
         return gap_closed(curve, feature, knowledge), True
     lost = strongest.knowledge - curve.target.knowledge

@@ -61,7 +61,7 @@ THINGS = ["the sky", "grass", "snow", "a banana", "blood", "coal", "an orange", 
 WORDS = ["hot", "big", "fast", "happy", "early", "light", "full", "strong", "open", "loud"]
 TOPICS = ["rain", "the moon", "a library", "breakfast", "a train", "the ocean", "winter", "a garden"]
 
-SCORES = ("shakespeare_ppl", "feature_rate", "feature_prob", "leak_rate", "chat_nll")
+SCORES = ("shakespeare_ppl", "feature_rate", "feature_prob", "feature_nll", "leak_rate", "chat_nll")
 
 
 def questions() -> tuple[list[str], list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import real
-from mergekit_sigmoid_diff import frontier
+from mergekit_sigmoid_diff import frontier, mainjob
 
 INPUTS = ("B (base)", "T (target)", "I (donor)")
 
@@ -88,7 +88,7 @@ def families(rows: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any
 
 
 def _f(value: Any, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:+.{digits}f}" if isinstance(value, float) and digits < 0 else f"{value:.{digits}f}"
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def glance(summary: list[dict[str, Any]]) -> list[str]:
@@ -207,9 +207,7 @@ def report(rows: list[dict[str, Any]], plan, out: Path, meta: dict[str, Any]) ->
     written = [out / "benchmark_real.json", out / "benchmark_real.md"]
     written[0].write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1, ensure_ascii=False) + "\n")
     written[1].write_text(markdown(rows, summary, meta))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not mainjob.plot_available():
         return written
     if summary:
         plot(rows, summary, out / "frontier.png", meta.get("recommended_family"))
