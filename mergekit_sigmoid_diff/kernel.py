@@ -40,8 +40,10 @@ one chunk at a time (five scratch buffers of one chunk each, in the compute dtyp
 beyond its inputs the kernel holds only the output, on the inputs' device:
 
 - CPU: chunks of ``CHUNK`` = 2**17 elements, i.e. 5 × 512 KiB = 2.5 MiB of float32 scratch
-  (5 MiB in float64), and the chunk loop runs with torch's intra-op threads set to 1
-  (:func:`single_threaded`; restored afterwards).
+  (5 MiB in float64) per worker thread: the chunks are shared among as many threads as
+  torch's intra-op count (mergekit's ``--num-threads``), each running torch on one thread
+  (:func:`_each_chunk`, :func:`single_threaded`; the count is restored afterwards), so
+  2 threads hold 5 MiB.
 - CUDA and other accelerators: chunks of ``DEVICE_CHUNK`` = 2**24 elements, i.e.
   5 × 64 MiB = 320 MiB of float32 scratch (640 MiB in float64) at most, whatever the
   tensor's size (an 8B model's 128256 × 4096 embedding is 32 chunks, not 5 × 2.1 GB).
@@ -58,22 +60,32 @@ running 512 × 512 matmuls too; 4 M-element chunks still took 0.94 s vs 0.24 s. 
 thread there are no regions: 64 K / 128 K / 256 K / 512 K-element chunks took
 105 / 82 / 79 / 77 ms (task_arithmetic 71 ms on one thread), 32 K chunks (the largest that
 stays below the grain size, so that no global setting would be needed) 84–131 ms, the
-per-op overhead showing. Setting the thread count costs < 1 µs. Elementwise work is
-memory-bound, so a second thread would gain little on an idle machine and loses by orders
-of magnitude on a busy one.
+per-op overhead showing. Setting the thread count costs < 1 µs.
+
+So torch's own threads are never used inside the chunk loop; instead the chunks themselves
+are divided among threads (:func:`_each_chunk`): each thread takes the next chunk from a
+shared counter and runs torch on one thread, so no op waits for another thread and the only
+join is after the tensor's last chunk; a thread the OS pauses delays its own chunk only.
+Measured on a 4096 × 1536 bf16 tensor, 2 threads against 1, paired medians of 15
+(``2 workers / 1 worker``): the gate 0.59× quiet and 0.61× beside a 512 × 512 matmul loop on
+torch's default threads, the plain diff (``gate: false``) 0.52× / 0.47×, the 32000 × 1536
+embedding 0.61× / 0.76×. The first version ran the loop on one thread only: safe under load,
+but 1.2× ``task_arithmetic``'s wall for a whole 0.6B merge on an idle machine, where
+``task_arithmetic``'s whole-tensor ops use both cores.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import threading
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Literal, Mapping, NamedTuple, Optional, Sequence, get_args
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence, get_args
 
 import torch
 
 from mergekit_sigmoid_diff import gate_rules, subspace
+from mergekit_sigmoid_diff.threads import single_threaded
 
 from mergekit_sigmoid_diff.normalization import (
     DEFAULT_NORMALIZE,
@@ -88,8 +100,8 @@ from mergekit_sigmoid_diff.normalization import (
 DEFAULT_STEEPNESS = 12.0
 DEFAULT_MIDPOINT = 0.5
 DEFAULT_EPS = 1e-6
-# Elements per chunk on CPU: 2**17 float32 = 512 KiB per scratch buffer (5 buffers: 2.5 MiB).
-# One thread, per chunk: 2**15 costs ~30 % more (torch's few µs per call, ~17 calls per chunk),
+# Elements per chunk on CPU: 2**17 float32 = 512 KiB per scratch buffer (5 buffers: 2.5 MiB
+# per worker thread). Per chunk: 2**15 costs ~30 % more (torch's few µs per call, ~17 calls per chunk),
 # 2**17 to 2**19 measured alike (see the module docstring), and the scratch stays cache-sized.
 CHUNK = 1 << 17
 # Elements per chunk on CUDA and other accelerators: 2**24 float32 = 64 MiB per buffer, at
@@ -255,12 +267,10 @@ def sigmoid_diff(
             raise ValueError(f"shape {tuple(tensor.shape)} differs from the target's {tuple(target.shape)}")
     mode = settings.mode(target.dim(), vocabulary)
     if mode == "subspace":
-        # one thread here too: the sketch's QRs and products are many small MKL/OpenMP
-        # regions, which stall like the gate's ops when the cores are shared (a 4096 × 1536
-        # projection took 1.35 s of CPU and 8 s of wall on torch's default 2 threads beside
-        # other jobs, against ~0.25 s on one thread)
-        with single_threaded(target.device.type == "cpu"):
-            return _projected(base, target, donors, weights, settings, out_dtype, check_finite)
+        # on the caller's threads: the projection is a few large matrix products, which do
+        # not stall beside another torch process; its QRs and chunk loops, which would, run
+        # single-threaded inside (see mergekit_sigmoid_diff.subspace and docs/performance.md)
+        return _projected(base, target, donors, weights, settings, out_dtype, check_finite)
     dtype = compute_dtype(base, target, *donors)
     b, t = base.reshape(-1), target.reshape(-1)
     flat_donors = [d.reshape(-1) for d in donors]
@@ -271,19 +281,22 @@ def sigmoid_diff(
     on_cpu = target.device.type == "cpu"
     chunk = CHUNK if on_cpu else DEVICE_CHUNK  # the memory bound; see the module docstring
     starts = range(0, numel, chunk)
+    workers = _workers(target.device)
     with single_threaded(on_cpu):
-        _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, chunk, dtype, check_finite)
+        _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, dtype, check_finite, workers)
     return out.view(target.shape)
 
 
-def _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, chunk, dtype, check_finite) -> None:
+def _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, dtype, check_finite, workers) -> None:
     """Both passes of the element-wise path over ``starts``, writing ``out`` (flat)."""
-    numel = t.numel()
-    scratch = _Scratch(min(chunk, numel), dtype, t.device)
+    numel, chunk = t.numel(), starts.step
+
+    def scratch() -> _Scratch:
+        return _Scratch(min(chunk, numel), dtype, t.device)
 
     fraction_gate: Optional[Gate] = None
     if mode == "elementwise":
-        lo, hi = _drift_range(b, t, starts, scratch)
+        lo, hi = _drift_range(b, t, starts, scratch, workers, dtype)
         if check_finite and not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise NonFiniteError("base or target holds NaN or Inf")
         fraction_gate = _make_gate(settings, lo, hi, lambda: sample_drift(b, t, dtype))
@@ -291,9 +304,10 @@ def _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, chunk,
     # (min, max) of each written chunk: NaN propagates and Inf shows, so finite ranges mean
     # a finite output; one check at the end instead of a host sync per chunk.
     written_ranges = torch.empty(len(starts), 2, dtype=out.dtype, device=out.device) if check_finite else None
-    for index, start in enumerate(starts):
-        stop = min(start + chunk, numel)
-        buf = scratch.cut(stop - start)
+
+    def write(index: int, own: _Scratch) -> None:
+        start, stop = _span(starts, index, numel)
+        buf = own.cut(stop - start)
         bc = _upcast(b[start:stop], buf.base)
         tc = _upcast(t[start:stop], buf.target)
         acc = torch.sub(_upcast(flat_donors[0][start:stop], buf.donor), bc, out=buf.acc)
@@ -312,19 +326,26 @@ def _gate_chunks(b, t, flat_donors, weights, settings, mode, out, starts, chunk,
             written.copy_(result)  # the one rounding to the output dtype
         if written_ranges is not None:
             torch.aminmax(written, out=(written_ranges[index, 0], written_ranges[index, 1]))
+
+    _each_chunk(len(starts), write, scratch, workers)
     if written_ranges is not None and not torch.isfinite(written_ranges).all():
         raise NonFiniteError("output holds NaN or Inf")
 
 
 def donor_diff(
-    base: torch.Tensor, donors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype
+    base: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    dtype: torch.dtype,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """D = Σ_j w_j (I_j − B) as a new tensor in ``dtype`` (``base`` may already be in it).
+    """D = Σ_j w_j (I_j − B) in ``dtype`` (``base`` may already be in it), as a new tensor or
+    written into ``out`` (a spent buffer of that shape and dtype: no fresh allocation).
 
     Each I_j − B is a copy of I_j in ``dtype`` minus B in place (the op upcasts B's elements
     as it reads them: the same float arithmetic as subtracting an upcast copy, without one).
     """
-    diff = _difference(donors[0], base, dtype)
+    diff = _difference(donors[0], base, dtype, out)
     if weights[0] != 1.0:
         diff.mul_(weights[0])
     for donor, weight in zip(donors[1:], weights[1:]):
@@ -332,9 +353,27 @@ def donor_diff(
     return diff
 
 
-def _difference(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x − B in ``dtype``, as a new tensor (never a view of the inputs)."""
-    return _combine_(x.to(dtype, copy=True), base, torch.Tensor.sub_)
+def _difference(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x − B in ``dtype``, as a new tensor (never a view of the inputs) or in ``out``."""
+    acc = x.to(dtype, copy=True) if out is None else out.copy_(x)
+    return _combine_(acc, base, torch.Tensor.sub_)
+
+
+def _sum_cast(acc: torch.Tensor, other: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """acc + other in ``out_dtype`` (default ``acc``'s): chunk by chunk into a new tensor when
+    a cast is due, so ``acc`` is read once and rounded once (in place otherwise)."""
+    if out_dtype is None or out_dtype == acc.dtype:
+        return _combine_(acc, other, torch.Tensor.add_)
+    out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    flat, source, written = acc.view(-1), other.reshape(-1), out.view(-1)
+    starts, scratch = _chunking(flat)
+
+    def add(index: int, own: torch.Tensor) -> None:
+        start, stop = _span(starts, index, flat.numel())
+        written[start:stop].copy_(own[: stop - start].copy_(source[start:stop]).add_(flat[start:stop]))
+
+    _each_chunk(len(starts), add, scratch, _workers(acc.device))
+    return out
 
 
 def _combine_(acc: torch.Tensor, other: torch.Tensor, op) -> torch.Tensor:
@@ -343,19 +382,33 @@ def _combine_(acc: torch.Tensor, other: torch.Tensor, op) -> torch.Tensor:
     On CPU an op mixing dtypes first casts ``other`` to a full-size temporary (measured: an
     in-place ``sub_`` of a bf16 4096 × 1536 matrix from a float32 one took 13.5 ms against
     6 + 5 ms for an upcast copy and a float32 ``sub_``); chunk-sized scratch keeps the same
-    float arithmetic (the upcast is exact) without that copy. One thread, as in the gate.
+    float arithmetic (the upcast is exact) without that copy. Chunks run as in the gate
+    (:func:`_each_chunk`).
     """
     if other.dtype == acc.dtype:
         return op(acc, other)
     flat, source = acc.view(-1), other.reshape(-1)
-    on_cpu = acc.device.type == "cpu"
-    chunk = CHUNK if on_cpu else DEVICE_CHUNK
-    scratch = torch.empty(min(chunk, flat.numel()), dtype=acc.dtype, device=acc.device)
-    with single_threaded(on_cpu):
-        for start in range(0, flat.numel(), chunk):
-            stop = min(start + chunk, flat.numel())
-            op(flat[start:stop], scratch[: stop - start].copy_(source[start:stop]))
+    starts, scratch = _chunking(flat)
+
+    def combine(index: int, own: torch.Tensor) -> None:
+        start, stop = _span(starts, index, flat.numel())
+        op(flat[start:stop], own[: stop - start].copy_(source[start:stop]))
+
+    _each_chunk(len(starts), combine, scratch, _workers(acc.device))
     return acc
+
+
+def _span(starts: range, index: int, numel: int) -> tuple[int, int]:
+    """(start, stop) of chunk ``index``; only the last chunk is shorter."""
+    start = starts[index]
+    return start, min(start + starts.step, numel)
+
+
+def _chunking(flat: torch.Tensor) -> tuple[range, Callable[[], torch.Tensor]]:
+    """The chunk starts over ``flat`` on its device, and a maker of one chunk of scratch."""
+    chunk = CHUNK if flat.device.type == "cpu" else DEVICE_CHUNK
+    size = min(chunk, flat.numel())
+    return range(0, flat.numel(), chunk), lambda: torch.empty(size, dtype=flat.dtype, device=flat.device)
 
 
 def protected_diff(
@@ -371,8 +424,9 @@ def protected_diff(
     A ``diff`` already computed (:func:`donor_diff`, compute dtype) is projected in place.
 
     Raises :class:`NonFiniteError` when T − B holds NaN or Inf (no singular basis exists).
-    Memory beyond the inputs: D' and T − B in the compute dtype (T − B is freed before D is
-    built, so at most one of them plus the output exists at a time), plus the basis.
+    Memory beyond the inputs: one full-size buffer in the compute dtype (T − B, then D built in
+    it once the basis is found; a second and later donor adds one more while it is summed),
+    plus the basis, plus the output.
     """
     basis, diff = _basis_and_diff(base, target, donors, weights, settings, diff)
     projected, share = subspace.project_out_share_(diff, basis, settings.protect_subspace)
@@ -380,7 +434,7 @@ def protected_diff(
 
 
 def _basis_and_diff(base, target, donors, weights, settings, diff=None) -> tuple[subspace.Basis, torch.Tensor]:
-    """The drift basis, then D (``diff`` or :func:`donor_diff`); T − B exists only meanwhile.
+    """The drift basis, then D (``diff``, or :func:`donor_diff` written over T − B's buffer).
 
     Finiteness of T − B comes from its squared norm (one reduction that the basis needs
     anyway) instead of a separate ``isfinite`` pass and its full-size bool tensor.
@@ -391,9 +445,8 @@ def _basis_and_diff(base, target, donors, weights, settings, diff=None) -> tuple
     if not math.isfinite(total):
         raise NonFiniteError("T − B holds NaN or Inf")
     basis = subspace.drift_basis(drift, settings.protect_energy, settings.protect_subspace, total=total)
-    del drift
     if diff is None:
-        diff = donor_diff(base, donors, weights, dtype)
+        diff = donor_diff(base, donors, weights, dtype, out=drift)  # T − B is spent: its buffer holds D
     return basis, diff
 
 
@@ -401,10 +454,10 @@ def _projected(base, target, donors, weights, settings, out_dtype, check_finite)
     """``T + D'`` (see :func:`protected_diff`; the merge needs no removed share), cast to
     ``out_dtype`` once."""
     basis, diff = _basis_and_diff(base, target, donors, weights, settings)
-    out = _combine_(subspace.project_out_(diff, basis, settings.protect_subspace), target, torch.Tensor.add_)
+    out = _sum_cast(subspace.project_out_(diff, basis, settings.protect_subspace), target, out_dtype)
     if check_finite and not _all_finite(out):
         raise NonFiniteError("output holds NaN or Inf")
-    return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
+    return out
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -412,35 +465,6 @@ def _all_finite(x: torch.Tensor) -> bool:
     when the sum is not finite (or overflowed) is every element checked. ~4× cheaper than
     ``isfinite(x).all()`` on a 4096 × 1536 float32 matrix (1 thread), and no bool copy."""
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
-_thread_state = threading.local()  # per thread: nesting depth and the count to restore
-
-
-@contextmanager
-def single_threaded(active: bool = True) -> Iterator[None]:
-    """Run the body with torch's intra-op threads set to 1, then restore the count.
-
-    torch's count is per calling thread under its OpenMP backend (``omp_set_num_threads``
-    sets the caller's own setting), so the state here is per thread too: nested uses
-    restore once, at the outermost exit, and other threads keep their own counts.
-    ``active=False`` does nothing (accelerator inputs).
-    """
-    if not active:
-        yield
-        return
-    depth = getattr(_thread_state, "depth", 0)
-    if depth == 0:
-        _thread_state.saved = torch.get_num_threads()
-        if _thread_state.saved > 1:
-            torch.set_num_threads(1)
-    _thread_state.depth = depth + 1
-    try:
-        yield
-    finally:
-        _thread_state.depth -= 1
-        if _thread_state.depth == 0 and _thread_state.saved > 1:
-            torch.set_num_threads(_thread_state.saved)
 
 
 class _Buffers(NamedTuple):
@@ -472,17 +496,59 @@ def _upcast(chunk: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
 
 
 def _drift_range(
-    b: torch.Tensor, t: torch.Tensor, starts: range, scratch: _Scratch
+    b: torch.Tensor, t: torch.Tensor, starts: range, scratch: Callable[[], _Scratch], workers: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of |T − B| over the whole tensor, one chunk at a time (pass 1).
 
     NaN in T or B makes both NaN; Inf makes the max Inf.
     """
-    ranges = torch.empty(len(starts), 2, dtype=scratch.full.drift.dtype, device=t.device)
-    for index, start in enumerate(starts):
-        stop = min(start + starts.step, t.numel())
-        buf = scratch.cut(stop - start)
+    ranges = torch.empty(len(starts), 2, dtype=dtype, device=t.device)
+
+    def measure(index: int, own: _Scratch) -> None:
+        start, stop = _span(starts, index, t.numel())
+        buf = own.cut(stop - start)
         bc = _upcast(b[start:stop], buf.base)
         drift = torch.sub(_upcast(t[start:stop], buf.target), bc, out=buf.drift).abs_()
         torch.aminmax(drift, out=(ranges[index, 0], ranges[index, 1]))
+
+    _each_chunk(len(starts), measure, scratch, workers)
     return ranges[:, 0].min(), ranges[:, 1].max()
+
+
+def _workers(device: torch.device) -> int:
+    """How many threads a chunk loop on ``device`` runs on: torch's intra-op count on CPU
+    (mergekit's ``--num-threads``, else one per core), one elsewhere (a GPU queues the chunks)."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def _each_chunk(count: int, work: Callable[[int, Any], None], scratch: Callable[[], Any], workers: int) -> None:
+    """``work(i, scratch)`` for every chunk index i < ``count``, on ``workers`` threads.
+
+    Each thread has its own scratch (made by ``scratch()``) and runs torch
+    on one intra-op thread; the threads take the next chunk index from one shared counter, so
+    a thread the OS pauses holds up one chunk, not the others, and the only wait is for the
+    last chunk. (torch's own parallel ops would be ~17 OpenMP regions per chunk, each a
+    barrier; see the module docstring.) Chunks write disjoint slices; torch releases the GIL
+    inside every op, so the threads compute in parallel.
+    """
+    workers = max(1, min(workers, count))
+    indices = itertools.count()  # next() on it is atomic under the GIL
+
+    def run(own: Any) -> None:
+        while (index := next(indices)) < count:
+            work(index, own)
+
+    if workers == 1:
+        run(scratch())
+        return
+
+    def helper() -> None:
+        with single_threaded():
+            run(scratch())
+
+    with ThreadPoolExecutor(workers - 1, thread_name_prefix="sigmoid-diff-chunks") as pool:
+        helpers = [pool.submit(helper) for _ in range(workers - 1)]
+        with single_threaded():
+            run(scratch())
+        for done in helpers:
+            done.result()

@@ -70,6 +70,9 @@ class MinMaxGate:
     Evaluated as sigmoid(z), z = (d − lo) · (−k / span) + k·m, and x ≤ 1 as z ≥ −k · (1 − m):
     one multiply instead of a divide, a subtract and a multiply, on every element. The
     subtraction of lo stays first, so no precision is lost when lo is large next to span.
+    When span is so small (a subnormal quantile, say) that k / span would overflow the compute
+    dtype, the elements are divided by span first, as the published formula does: an
+    infinite multiplier would turn d − lo = 0 into 0 · ∞ = NaN.
     """
 
     lo: Optional[torch.Tensor]  # 0-dim, compute dtype; None when lo = 0 (skip a pass)
@@ -80,7 +83,12 @@ class MinMaxGate:
 
     def fraction_(self, drift: torch.Tensor) -> torch.Tensor:
         z = drift if self.lo is None else drift.sub_(self.lo)
-        z.mul_(-self.steepness / self.span).add_(self.steepness * self.midpoint)
+        multiplier = -self.steepness / self.span
+        if abs(multiplier) < torch.finfo(z.dtype).max / 2:
+            z.mul_(multiplier)
+        else:
+            z.div_(self.span).mul_(-self.steepness)
+        z.add_(self.steepness * self.midpoint)
         if self.cap:
             z.clamp_min_(-self.steepness * (1.0 - self.midpoint))
         return z.sigmoid_()

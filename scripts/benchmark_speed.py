@@ -43,6 +43,8 @@ from benchlib.speed import (
     machine_load,
 )
 
+from mergekit_sigmoid_diff.recommended import setting, split
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -60,11 +62,10 @@ def recipe_variants() -> dict[str, dict]:
                     by_parameters[key].append(path.stem)
     for key, stems in by_parameters.items():
         variants.setdefault("recipes/" + "+".join(stems), json.loads(key))
-    # the subspace projection's cost, although no recipe recommends it
-    variants["protect_subspace input e=0.5"] = {
-        "protect_subspace": "input", "protect_energy": 0.5,
-        "gate": [{"filter": k, "value": False} for k in ("embed_tokens", "lm_head", "norm")] + [{"value": True}],
-    }
+    # the subspace projection (protect_subspace input, e = 0.5), if no recipe already measures it
+    projection, _ = split(setting("chat-vector"))
+    if projection not in variants.values():
+        variants["protect_subspace input e=0.5"] = projection
     return variants
 
 

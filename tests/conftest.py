@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 
 from mergekit_sigmoid_diff.tiny import build_triple
@@ -28,3 +29,12 @@ def no_tensor_reads(monkeypatch):
         raise AssertionError(f"tensor {key} was read before the error")
 
     monkeypatch.setattr(LazyTensorLoader, "get_tensor", refuse)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on 2 intra-op threads for the test, the count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -76,6 +76,24 @@ def test_quantile_falls_back_to_minmax_when_the_quantile_sits_on_the_minimum():
     torch.testing.assert_close(got, fraction([0.0] * 9 + [1.0]), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("normalize, quantile", [("minmax", 0.99), ("quantile", 0.375), ("quantile", 0.5)])
+def test_a_scale_so_small_that_k_over_it_overflows_float32_still_gives_the_formula(normalize, quantile):
+    # found by test_kernel_fuzz: with eps = 0 the scale can be subnormal (here the 0.375-quantile
+    # interpolates between 0 and the smallest normal, 2.9e-39), and 1 / scale overflows float32;
+    # multiplying d = 0 by that infinity gave NaN where the target had not drifted
+    tiny = torch.finfo(torch.float32).tiny
+    drift = torch.tensor([0.0] * 6 + [tiny] + [1e30] * 8) if normalize == "quantile" else torch.tensor([0.0, tiny / 16, tiny / 8])
+    base = torch.zeros_like(drift)
+    out = sigmoid_diff(base, drift, [torch.ones_like(drift)], [1.0],
+                       GateSettings(normalize=normalize, quantile=quantile, steepness=1.0, midpoint=0.0, eps=0.0))
+    settings = GateSettings(normalize=normalize, quantile=quantile, steepness=1.0, midpoint=0.0, eps=0.0)
+    want = reference_fraction(drift, normalize, quantile, steepness=1.0, midpoint=0.0, eps=0.0)
+    assert torch.isfinite(out).all()
+    small = drift < 1  # where T + fraction keeps the fraction's digits
+    torch.testing.assert_close(out.double()[small] - drift.double()[small], want[small], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(applied_fraction_(drift.clone(), settings).double(), want, rtol=1e-6, atol=1e-7)
+
+
 def test_rank_spreads_distinct_drifts_evenly_and_ties_equal_drifts():
     # bins of 0, 0, 1, 2, 4, 8, 1000 are 0, 0, then distinct: x = #{lower bins} / (N − 1)
     got = gate_of([4.0, 0.0, 1000.0, 1.0, 0.0, 8.0, 2.0], normalize="rank")

@@ -1,7 +1,8 @@
-"""The element-wise kernel's thread handling and chunk bounds (kernel.single_threaded, CHUNK,
-DEVICE_CHUNK): the chunk loop runs on one torch thread and gives the count back, whatever
-happens inside; the device path is chunked too. The arithmetic itself is held to the float64
-reference in test_kernel*.py; here only the bookkeeping around it."""
+"""The element-wise kernel's thread handling and chunk bounds (kernel.single_threaded,
+kernel._each_chunk, CHUNK, DEVICE_CHUNK): the chunk loop runs on as many threads as torch's
+intra-op count, each with torch on one thread, every chunk exactly once, and gives the count
+back whatever happens inside; the device path is chunked too. The arithmetic itself is held to
+the float64 reference in test_kernel*.py; here only the bookkeeping around it."""
 
 from __future__ import annotations
 
@@ -12,14 +13,6 @@ import torch
 
 from mergekit_sigmoid_diff import kernel
 from tests.reference import published_formula
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def _triple(shape=(300, 500), seed=0, dtype=torch.float32):
@@ -42,6 +35,55 @@ def test_the_chunk_loop_runs_on_one_thread_and_restores_the_count(two_threads, m
     assert seen == [1]
     assert torch.get_num_threads() == 2
     torch.testing.assert_close(out, published_formula(base, target, [donor], [1.0]), rtol=0, atol=1e-12)
+
+
+def test_chunks_are_shared_by_as_many_threads_as_torch_has_each_torch_single_threaded(two_threads, monkeypatch):
+    monkeypatch.setattr(kernel, "CHUNK", 4096)  # 37 chunks
+    seen: list[tuple[int, int, int, int]] = []  # (loop, chunk index, thread, torch threads)
+    met = threading.Barrier(2, timeout=20)  # each thread's first chunk waits for the other thread
+    first = set()
+    real = kernel._each_chunk
+
+    loops = []
+
+    def spy(count, work, scratch, workers, *rest):
+        assert workers == 2
+        loops.append(count)
+        loop = len(loops)
+
+        def traced(index, own):
+            me = threading.get_ident()
+            if me not in first:
+                first.add(me)
+                met.wait()  # two distinct threads must take chunks, or this times out
+            seen.append((loop, index, me, torch.get_num_threads()))
+            work(index, own)
+
+        met.reset()
+        first.clear()
+        return real(count, traced, scratch, workers, *rest)
+
+    monkeypatch.setattr(kernel, "_each_chunk", spy)
+    base, target, donor = _triple(shape=(300, 500), dtype=torch.float64)
+    out = kernel.sigmoid_diff(base, target, [donor], [1.0], check_finite=True)
+    torch.testing.assert_close(out, published_formula(base, target, [donor], [1.0]), rtol=0, atol=1e-12)
+    chunks = -(-300 * 500 // 4096)
+    assert loops == [chunks, chunks]  # pass 1 (min and max of |T − B|) and pass 2
+    for loop in (1, 2):
+        assert sorted(i for n, i, _, _ in seen if n == loop) == list(range(chunks))  # each chunk once
+        assert len({thread for n, _, thread, _ in seen if n == loop}) == 2
+    assert {threads for *_, threads in seen} == {1}
+    assert torch.get_num_threads() == 2
+
+
+def test_an_error_in_a_helper_thread_reaches_the_caller(two_threads):
+    def work(index, own):
+        if index == 5:
+            raise RuntimeError("chunk 5 failed")
+
+    with pytest.raises(RuntimeError, match="chunk 5 failed"):
+        kernel._each_chunk(40, work, lambda: None, 2)
+    assert torch.get_num_threads() == 2
 
 
 def test_the_thread_count_comes_back_after_an_error(two_threads):
