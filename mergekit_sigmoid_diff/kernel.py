@@ -48,9 +48,9 @@ beyond its inputs the kernel holds only the output, on the inputs' device:
   5 × 64 MiB = 320 MiB of float32 scratch (640 MiB in float64) at most, whatever the
   tensor's size (an 8B model's 128256 × 4096 embedding is 32 chunks, not 5 × 2.1 GB).
 
-Why one thread on CPU (measured on one 2048 × 5504 bf16 tensor, 2-core machine with another
-single-threaded job on the second core, ``scripts/benchmark_speed.py`` has the merge-level
-figures): every torch op on more than 32768 elements (``at::internal::GRAIN_SIZE``) is an
+Why not torch's own threads on CPU (measured on one 2048 × 5504 bf16 tensor, 2-core machine
+with another single-threaded job on the second core; ``scripts/benchmark_speed.py`` has the
+merge-level figures): every torch op on more than 32768 elements (``at::internal::GRAIN_SIZE``) is an
 OpenMP parallel region, and the two passes make ~17 ops per chunk, ~3000 regions per tensor
 at the former 64 K-element chunks. Each region waits for its slowest thread, so when the
 cores are shared with another process the regions, not the arithmetic, set the time: with
@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence, get_args
@@ -108,6 +109,10 @@ CHUNK = 1 << 17
 # most 320 MiB of scratch; a chunk is large enough to fill a GPU (a few kernel launches per
 # ~16 M elements), while an 8B embedding would otherwise need 5 × 2.1 GB of float32 scratch.
 DEVICE_CHUNK = 1 << 24
+# At most this many threads per chunk loop. Measured on 2 cores only; each thread holds Python's
+# global lock for ~20 % of a chunk's time (the calls around torch's ops), which bounds the useful
+# count near 4–5 whatever the core count, and element-wise work is memory-bound before that.
+MAX_WORKERS = 4
 
 Protect = Literal["none", "input", "output", "both"]
 PROTECT_OPTIONS: tuple[str, ...] = get_args(Protect)
@@ -250,7 +255,8 @@ def sigmoid_diff(
     - ``vocabulary``: the tensor is indexed by token (embeddings, lm_head): never projected.
     - ``out_dtype``: dtype of the result (default: the compute dtype); under the element-wise
       gate each chunk is cast as it is written, so no full-size compute-dtype copy of the
-      output exists (the subspace projection holds D' and T − B in the compute dtype).
+      output exists (the subspace projection holds one full-size buffer in the compute dtype:
+      T − B, then D in it).
     - ``check_finite``: raise :class:`NonFiniteError` if the output holds NaN or Inf,
       instead of returning it: judged from the min and max of every written chunk (a
       by-product-sized reduction, no second pass over the output), or at once after pass 1
@@ -354,9 +360,10 @@ def donor_diff(
 
 
 def _difference(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x − B in ``dtype``, as a new tensor (never a view of the inputs) or in ``out``."""
-    acc = x.to(dtype, copy=True) if out is None else out.copy_(x)
-    return _combine_(acc, base, torch.Tensor.sub_)
+    """x − B in ``dtype``, as a new contiguous tensor (never a view of the inputs; contiguous
+    whatever x's strides, so the chunk loops can flatten it) or in ``out``."""
+    acc = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
+    return _combine_(acc.copy_(x), base, torch.Tensor.sub_)
 
 
 def _sum_cast(acc: torch.Tensor, other: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -478,7 +485,7 @@ class _Buffers(NamedTuple):
 
 
 class _Scratch:
-    """Chunk-sized buffers, allocated once per tensor and reused by every chunk."""
+    """Chunk-sized buffers, allocated once per thread of a chunk loop and reused by its chunks."""
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
         self.full = _Buffers(*(torch.empty(size, dtype=dtype, device=device) for _ in _Buffers._fields))
@@ -517,7 +524,8 @@ def _drift_range(
 
 def _workers(device: torch.device) -> int:
     """How many threads a chunk loop on ``device`` runs on: torch's intra-op count on CPU
-    (mergekit's ``--num-threads``, else one per core), one elsewhere (a GPU queues the chunks)."""
+    (mergekit's ``--num-threads``, else one per core; at most :data:`MAX_WORKERS`), one
+    elsewhere (a GPU queues the chunks)."""
     return torch.get_num_threads() if device.type == "cpu" else 1
 
 
@@ -531,19 +539,26 @@ def _each_chunk(count: int, work: Callable[[int, Any], None], scratch: Callable[
     barrier; see the module docstring.) Chunks write disjoint slices; torch releases the GIL
     inside every op, so the threads compute in parallel.
     """
-    workers = max(1, min(workers, count))
+    workers = max(1, min(workers, count, MAX_WORKERS))
     indices = itertools.count()  # next() on it is atomic under the GIL
+    stop = threading.Event()  # set when any thread fails: the others stop taking chunks
 
     def run(own: Any) -> None:
-        while (index := next(indices)) < count:
-            work(index, own)
+        try:
+            while not stop.is_set() and (index := next(indices)) < count:
+                work(index, own)
+        except BaseException:
+            stop.set()
+            raise
 
     if workers == 1:
         run(scratch())
         return
+    # grad and inference mode are per thread in torch: the helpers take the caller's
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def helper() -> None:
-        with single_threaded():
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), single_threaded():
             run(scratch())
 
     with ThreadPoolExecutor(workers - 1, thread_name_prefix="sigmoid-diff-chunks") as pool:

@@ -29,6 +29,9 @@ def single_threaded(active: bool = True) -> Iterator[None]:
     sets the caller's own setting), so the state here is per thread too: nested uses
     restore once, at the outermost exit, and other threads keep their own counts.
     Setting the count costs < 1 µs. ``active=False`` does nothing (accelerator inputs).
+    torch also keeps one process-wide count that a thread reads on its first torch op: a thread
+    started elsewhere while a block runs starts on 1 thread and keeps it (the merge runs no
+    such threads of its own).
     """
     if not active:
         yield

@@ -76,14 +76,58 @@ def test_chunks_are_shared_by_as_many_threads_as_torch_has_each_torch_single_thr
     assert torch.get_num_threads() == 2
 
 
-def test_an_error_in_a_helper_thread_reaches_the_caller(two_threads):
-    def work(index, own):
-        if index == 5:
-            raise RuntimeError("chunk 5 failed")
+def test_an_error_in_a_helper_thread_reaches_the_caller_and_stops_the_loop(two_threads):
+    helper_started = threading.Event()
+    done: list[int] = []
 
-    with pytest.raises(RuntimeError, match="chunk 5 failed"):
-        kernel._each_chunk(40, work, lambda: None, 2)
+    def work(index, own):
+        if threading.current_thread() is threading.main_thread():
+            helper_started.wait(timeout=20)  # the helper takes a chunk before the main thread goes on
+            done.append(index)
+            return
+        helper_started.set()
+        raise RuntimeError(f"chunk {index} failed")
+
+    with pytest.raises(RuntimeError, match="failed"):
+        kernel._each_chunk(1000, work, lambda: None, 2)
+    assert helper_started.is_set()
+    assert len(done) < 999  # the main thread stopped taking chunks once the helper failed
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+@pytest.mark.parametrize("protect", ["none", "input"])
+def test_helper_threads_keep_the_callers_grad_and_inference_mode(mode, protect, two_threads, monkeypatch):
+    # torch's grad and inference modes are per thread: a helper outside the caller's mode
+    # fails on inference tensors, or on parameters (out= ops under autograd)
+    monkeypatch.setattr(kernel, "CHUNK", 1024)  # many chunks for both threads
+    base, target, donor = _triple(shape=(300, 500))
+    settings = kernel.GateSettings(protect_subspace=protect)
+    want = kernel.sigmoid_diff(base, target, [donor], [1.0], settings, out_dtype=torch.bfloat16)
+    for _ in range(5):  # which thread takes which chunk varies from run to run
+        if mode == "inference":
+            with torch.inference_mode():
+                b, t, d = base.clone(), target.clone(), donor.clone()  # inference tensors
+                got = kernel.sigmoid_diff(b, t, [d], [1.0], settings, out_dtype=torch.bfloat16, check_finite=True)
+        else:
+            b, t, d = (torch.nn.Parameter(x.clone()) for x in (base, target, donor))
+            with torch.no_grad():
+                got = kernel.sigmoid_diff(b, t, [d], [1.0], settings, out_dtype=torch.bfloat16, check_finite=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("protect", ["none", "input"])
+def test_transposed_inputs_give_the_contiguous_result(protect, two_threads):
+    base, target, donor = _triple(shape=(300, 500))
+    settings = kernel.GateSettings(protect_subspace=protect)
+    want = kernel.sigmoid_diff(base.T.contiguous(), target.T.contiguous(), [donor.T.contiguous()], [1.0], settings,
+                               out_dtype=torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        b, t, d = (x.to(dtype).T for x in (base, target, donor))  # non-contiguous views
+        got = kernel.sigmoid_diff(b, t, [d], [1.0], settings, out_dtype=torch.bfloat16)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.shape == (500, 300) and torch.isfinite(got.float()).all()
 
 
 def test_the_thread_count_comes_back_after_an_error(two_threads):
