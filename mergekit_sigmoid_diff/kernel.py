@@ -41,9 +41,9 @@ beyond its inputs the kernel holds only the output, on the inputs' device:
 
 - CPU: chunks of ``CHUNK`` = 2**17 elements, i.e. 5 × 512 KiB = 2.5 MiB of float32 scratch
   (5 MiB in float64) per worker thread: the chunks are shared among as many threads as
-  torch's intra-op count (mergekit's ``--num-threads``), each running torch on one thread
-  (:func:`_each_chunk`, :func:`single_threaded`; the count is restored afterwards), so
-  2 threads hold 5 MiB.
+  torch's intra-op count (mergekit's ``--num-threads``; at most ``MAX_WORKERS`` = 4), each
+  running torch on one thread (:func:`_each_chunk`, :func:`single_threaded`; the count is
+  restored afterwards), so 2 threads hold 5 MiB and 4 at most 10 MiB.
 - CUDA and other accelerators: chunks of ``DEVICE_CHUNK`` = 2**24 elements, i.e.
   5 × 64 MiB = 320 MiB of float32 scratch (640 MiB in float64) at most, whatever the
   tensor's size (an 8B model's 128256 × 4096 embedding is 32 chunks, not 5 × 2.1 GB).
