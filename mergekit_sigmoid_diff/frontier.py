@@ -28,6 +28,7 @@ mean exceeds twice its standard error over seeds (``verdict``).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -112,10 +113,8 @@ def gap_bound(curve: Curve, feature: float, knowledge: float) -> tuple[float | N
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, sd
+    """Mean and sample standard deviation (n − 1; 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def verdict(per_seed: Sequence[float | None]) -> str:

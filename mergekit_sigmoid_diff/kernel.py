@@ -373,13 +373,7 @@ def _sum_cast(acc: torch.Tensor, other: torch.Tensor, out_dtype: Optional[torch.
         return _combine_(acc, other, torch.Tensor.add_)
     out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
     flat, source, written = acc.view(-1), other.reshape(-1), out.view(-1)
-    starts, scratch = _chunking(flat)
-
-    def add(index: int, own: torch.Tensor) -> None:
-        start, stop = _span(starts, index, flat.numel())
-        written[start:stop].copy_(own[: stop - start].copy_(source[start:stop]).add_(flat[start:stop]))
-
-    _each_chunk(len(starts), add, scratch, _workers(acc.device))
+    _for_chunks(flat, lambda a, b, own: written[a:b].copy_(own.copy_(source[a:b]).add_(flat[a:b])))
     return out
 
 
@@ -395,27 +389,30 @@ def _combine_(acc: torch.Tensor, other: torch.Tensor, op) -> torch.Tensor:
     if other.dtype == acc.dtype:
         return op(acc, other)
     flat, source = acc.view(-1), other.reshape(-1)
-    starts, scratch = _chunking(flat)
-
-    def combine(index: int, own: torch.Tensor) -> None:
-        start, stop = _span(starts, index, flat.numel())
-        op(flat[start:stop], own[: stop - start].copy_(source[start:stop]))
-
-    _each_chunk(len(starts), combine, scratch, _workers(acc.device))
+    _for_chunks(flat, lambda a, b, own: op(flat[a:b], own.copy_(source[a:b])))
     return acc
+
+
+def _for_chunks(flat: torch.Tensor, body: Callable[[int, int, torch.Tensor], Any]) -> None:
+    """``body(start, stop, scratch)`` for every chunk of the 1-D ``flat`` (the device's chunk
+    size), on the chunk threads; ``scratch`` is that thread's chunk-sized buffer in ``flat``'s
+    dtype, cut to the chunk's length."""
+    numel = flat.numel()
+    starts = range(0, numel, CHUNK if flat.device.type == "cpu" else DEVICE_CHUNK)
+    size = min(starts.step, numel)
+
+    def chunk(index: int, own: torch.Tensor) -> None:
+        start, stop = _span(starts, index, numel)
+        body(start, stop, own[: stop - start])
+
+    _each_chunk(len(starts), chunk, lambda: torch.empty(size, dtype=flat.dtype, device=flat.device),
+                _workers(flat.device))
 
 
 def _span(starts: range, index: int, numel: int) -> tuple[int, int]:
     """(start, stop) of chunk ``index``; only the last chunk is shorter."""
     start = starts[index]
     return start, min(start + starts.step, numel)
-
-
-def _chunking(flat: torch.Tensor) -> tuple[range, Callable[[], torch.Tensor]]:
-    """The chunk starts over ``flat`` on its device, and a maker of one chunk of scratch."""
-    chunk = CHUNK if flat.device.type == "cpu" else DEVICE_CHUNK
-    size = min(chunk, flat.numel())
-    return range(0, flat.numel(), chunk), lambda: torch.empty(size, dtype=flat.dtype, device=flat.device)
 
 
 def protected_diff(
@@ -526,7 +523,7 @@ def _workers(device: torch.device) -> int:
     """How many threads a chunk loop on ``device`` runs on: torch's intra-op count on CPU
     (mergekit's ``--num-threads``, else one per core; at most :data:`MAX_WORKERS`), one
     elsewhere (a GPU queues the chunks)."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
+    return min(torch.get_num_threads(), MAX_WORKERS) if device.type == "cpu" else 1
 
 
 def _each_chunk(count: int, work: Callable[[int, Any], None], scratch: Callable[[], Any], workers: int) -> None:
@@ -539,7 +536,7 @@ def _each_chunk(count: int, work: Callable[[int, Any], None], scratch: Callable[
     barrier; see the module docstring.) Chunks write disjoint slices; torch releases the GIL
     inside every op, so the threads compute in parallel.
     """
-    workers = max(1, min(workers, count, MAX_WORKERS))
+    workers = max(1, min(workers, count))
     indices = itertools.count()  # next() on it is atomic under the GIL
     stop = threading.Event()  # set when any thread fails: the others stop taking chunks
 

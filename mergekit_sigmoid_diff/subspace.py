@@ -333,8 +333,8 @@ def drift_basis(
 def _gram(a: Tensor, energy: float, side: str) -> Basis:
     """The basis from the eigendecomposition of the small Gram matrix a aᵀ (m × m, m ≤ n).
 
-    Used once an adaptive sketch would reach min(m, n) / 2 columns (a flat spectrum, e.g.
-    pure-noise drift): on one CPU thread a 1536 × 4096 float32 drift took 0.27–0.39 s for
+    Used once an adaptive sketch would exceed min(m, n) / ``GRAM_SHARE`` columns (a flat
+    spectrum, e.g. pure-noise drift): on one CPU thread a 1536 × 4096 float32 drift took 0.27–0.39 s for
     a aᵀ plus 0.43–0.71 s for ``eigh`` against 6.3 s for ``torch.linalg.svd``. The factors
     are the exact ones up to the Gram matrix's rounding (eigenvalues σ² to ~1e-7 · σ_1² in
     float32: the cut is far above that unless ``energy`` is within ~1e-6 of 1, which takes

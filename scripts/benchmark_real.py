@@ -294,10 +294,10 @@ def score_one(pair: Pair, name: str, family: str, recipe: dict[str, Any] | None,
     # a sigmoid_diff merge is also keyed by this package's merge code, so a change to the
     # kernel or the projection recomputes it (task_arithmetic and the baselines are mergekit's)
     ours = recipe is not None and recipe["merge_method"] == "sigmoid_diff"
-    key = quality._key(case, seed, name, recipe, stamps, SCORING_KEY, quick, *([MERGE_KEY] if ours else []))
+    key = quality.row_key(case, seed, name, recipe, stamps, SCORING_KEY, quick, *([MERGE_KEY] if ours else []))
     # B, T and I get every score, whatever the case: one entry per model's weights serves every
     # case and seed that uses that model (B is in all of them; the full-fine-tuned T in two cases)
-    shared = quality._key("input", real.weights_stamp(folder), SCORING_KEY, quick) if recipe is None else None
+    shared = quality.row_key("input", real.weights_stamp(folder), SCORING_KEY, quick) if recipe is None else None
     if cache.get(key) is not None:
         if shared is not None and cache.get(shared) is None:
             cache.put({**cache.get(key), "key": shared, "case": None, "seed": None})

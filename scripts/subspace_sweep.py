@@ -25,7 +25,6 @@ Writes ``docs/quality/subspace-sweep.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -135,38 +134,17 @@ def merge(
 # --------------------------------------------------------------------------- scoring
 
 
-class Scores:
-    """Append-only JSON lines, keyed by a hash of everything that produced the score."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
-
-    def put(self, row: dict[str, Any]) -> None:
-        self.rows[row["key"]] = row
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def run(cache: Path, seeds: list[int], donors: list[str], log=print) -> list[dict[str, Any]]:
     from transformers import LlamaForCausalLM
 
     from benchlib import scoring, training
     from benchlib import world as w
+    from benchlib.quality import ScoreCache, row_key
 
     schedule = training.FULL
     sched_id = asdict(schedule)
     cache.mkdir(parents=True, exist_ok=True)
-    store = Scores(cache / "subspace_sweep_scores.jsonl")
+    store = ScoreCache(cache / "subspace_sweep_scores.jsonl")
     rows: list[dict[str, Any]] = []
     cands = candidates()
     for seed in seeds:
@@ -182,7 +160,7 @@ def run(cache: Path, seeds: list[int], donors: list[str], log=print) -> list[dic
 
             def scored(cand: Candidate, extra: dict[str, Any] | None = None) -> dict[str, Any]:
                 nonlocal n_new
-                key = _key("subspace-sweep", SWEEP_VERSION, cand.key(), seed, donor, sched_id, scoring.VERSION)
+                key = row_key("subspace-sweep", SWEEP_VERSION, cand.key(), seed, donor, sched_id, scoring.VERSION)
                 row = store.rows.get(key)
                 if row is None:
                     state, lam, share = merge(cand, t, b, i)
@@ -200,7 +178,7 @@ def run(cache: Path, seeds: list[int], donors: list[str], log=print) -> list[dic
                 return row
 
             for ref, path in (("base", paths["base"]), ("target", paths["target"]), ("donor", paths[donor])):
-                key = _key("subspace-sweep-ref", ref, seed, donor, sched_id, scoring.VERSION)
+                key = row_key("subspace-sweep-ref", ref, seed, donor, sched_id, scoring.VERSION)
                 row = store.rows.get(key)
                 if row is None:
                     model.load_state_dict(load_state(path), strict=False)

@@ -72,7 +72,8 @@ def run_merge(recipe: dict[str, Any], out: Path, seed: int, backend: str = "inpr
     mergekit_run_merge(MergeConfiguration.model_validate(recipe), str(out), options)
 
 
-def _key(*parts: Any) -> str:
+def row_key(*parts: Any) -> str:
+    """16 hex digits identifying a cached row: a hash of everything that produced it."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -152,12 +153,12 @@ def run(
                 return row
 
             for name in REFERENCES:
-                key = _key("ref", name, seed, donor, schedule_id, ref_code)
+                key = row_key("ref", name, seed, donor, schedule_id, ref_code)
                 scored(name, "reference", key, lambda: {"scores": scoring.score(training.load_model(refs[name], config), probes, donor)})
 
             def merged(variant: r.Variant, label: str, kind: str) -> dict[str, Any]:
                 recipe = r.recipe(variant, refs["base"], refs["target"], refs["donor"])
-                key = _key("merge", recipe, seed, donor, schedule_id, backend, recipe_code)
+                key = row_key("merge", recipe, seed, donor, schedule_id, backend, recipe_code)
 
                 def make() -> dict[str, Any]:
                     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
