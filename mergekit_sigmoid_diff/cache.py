@@ -8,8 +8,10 @@
 mergekit names a merged LoRA after the model's and the adapter's *paths* and reuses the folder
 whenever it exists, so a retrained adapter at the same path would silently reuse the old
 weights. The ``<key>`` sub-folder is therefore a hash of every adapter reference in the recipe
-together with the size and modification time of the adapter's and its model's files: the same
-adapters reuse their merged models, a changed adapter is merged afresh.
+together with each adapter's contents (:func:`.codekey.adapter_key`: its configuration and
+weights, the one rule for "has an adapter changed") and the size and modification time of its
+model's files (hashing a base model would mean reading gigabytes): the same adapters reuse
+their merged models, a changed adapter is merged afresh.
 """
 
 from __future__ import annotations
@@ -43,12 +45,23 @@ def _file_stamps(folder: str) -> list[str]:
     return stamps
 
 
+def _adapter_stamp(adapter: str) -> str:
+    """The adapter's content key, or "" for a reference that is not a local adapter folder."""
+    from mergekit_sigmoid_diff.codekey import adapter_key
+    from mergekit_sigmoid_diff.errors import SigmoidDiffError
+
+    try:
+        return adapter_key(adapter) if Path(adapter).is_dir() else ""
+    except SigmoidDiffError:
+        return ""
+
+
 def default_lora_merge_cache(adapters: Iterable[tuple[str, str]], root: Optional[Path] = None) -> Path:
     """The default LoRA merge cache for a recipe whose ``model+lora`` references are
     ``adapters`` = [(model path, adapter path), ...] (see the module docstring)."""
     digest = hashlib.sha256()
     for model, adapter in sorted(set(adapters)):
-        for part in (model, adapter, *_file_stamps(model), *_file_stamps(adapter)):
+        for part in (model, adapter, *_file_stamps(model), _adapter_stamp(adapter)):
             digest.update(part.encode())
             digest.update(b"\0")
     return (root or cache_root()) / LORA_CACHE_NAME / digest.hexdigest()[:16]

@@ -9,6 +9,13 @@ where the import hook cannot (``python -S``, ``python -I``, pipx environments).
                                                per layer and tensor kind, how much of the donor
                                                diff a recipe applies (no merge; JSON + heatmap),
                                                after the merge's own checks
+    calibrate MODEL (--texts FILE | --chats FILE.jsonl) --out FILE.safetensors [options]
+                                               statistics of a model's layer inputs on a text
+                                               set, for the data-aware merge
+    sweep RECIPE --knowledge FILE --feature FILE.jsonl [--both FILE.jsonl] --out DIR [options]
+                                               task_arithmetic's λ-curve and the recipe over donor
+                                               weights, in memory, scored on your text; writes the
+                                               chosen weight's recipe (DIR/chosen.yml)
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mergekit_sigmoid_diff import inspection
 
         inspection.main(args)
+    elif command == "calibrate":
+        from mergekit_sigmoid_diff import calibrate
+
+        calibrate.main(args)
+    elif command == "sweep":
+        from mergekit_sigmoid_diff import sweep
+
+        sweep.main(args)
     elif command in ("-h", "--help", "help"):
         print("usage: python -m mergekit_sigmoid_diff COMMAND ...\n\n" + USAGE)
     else:

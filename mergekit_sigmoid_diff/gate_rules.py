@@ -34,13 +34,16 @@ class Range:
         return math.isfinite(value) and above and below
 
 
-# parameter -> its valid values (the meaning of each is documented on GateSettings)
+# parameter -> its valid values (the meaning of each is documented on GateSettings, or as marked)
 RANGES: dict[str, Range] = {
     "steepness": Range(0.0, open_low=True),
     "midpoint": Range(0.0, 1.0),
     "eps": Range(0.0),
     "quantile": Range(0.0, 1.0, open_low=True),
     "protect_energy": Range(0.0, 1.0),
+    # protect_subspace: data (the meaning of each is documented on datasolve.DataSettings)
+    "data_beta": Range(0.0),
+    "data_alpha": Range(0.0),
 }
 
 

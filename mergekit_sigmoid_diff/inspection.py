@@ -21,14 +21,22 @@ mergekit resolved for that tensor:
                            projection P has ⟨PD, D⟩ = ‖PD‖²)
     removed_share        = 1 − ‖D'‖² / ‖D‖²       subspace only: the share of the diff's energy
                                                   the projection removes; protected_rank = r
+    kept_share           = ‖Δ‖² / ‖D‖²            ``protect_subspace: data`` only: the share of the
+                                                  donor's diff the tensor keeps, Δ the solve's change
+                                                  (:mod:`.datasolve`; 1 for tensors taking the plain
+                                                  diff); applied and weighted fraction = kept_share
+    survival             = ‖Δ X_I‖ / ‖D X_I‖      data only: the donor's effect on its own inputs
+                                                  that survives (the merge's guard, per tensor)
+    data_form            = solve | tokens | plain  data only: the closed form, the embedding's
+                                                  token-count form, or the plain diff (no statistics)
     target_drift_mean/max = mean / max of |T − B| (weight units)
     donor_diff_mean/max  = mean / max of |D|      (weight units)
     donor_energy         = Σ D²                   (weight units²)
 
 Aggregates (per layer × tensor kind, and per kind over the whole model) are element-
-weighted means (Σ numel·value / Σ numel), maxima of maxima, and for weighted_fraction and
-removed_share the energy-weighted mean (Σ donor_energy·value / Σ donor_energy). The kinds are q, k, v, o,
-gate, up, down, input_norm, post_norm per layer and embed, final_norm, lm_head for the
+weighted means (Σ numel·value / Σ numel), maxima of maxima, and for weighted_fraction,
+removed_share and kept_share the energy-weighted mean (Σ donor_energy·value / Σ donor_energy).
+The kinds are q, k, v, o, gate, up, down, input_norm, post_norm per layer and embed, final_norm, lm_head for the
 whole model; other tensors take their module's name. Quantities here are unitless except
 the |T − B| and |D| scales.
 """
@@ -37,14 +45,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from mergekit_sigmoid_diff import kernel
+from mergekit_sigmoid_diff import datamerge, datasolve, kernel
+from mergekit_sigmoid_diff.datamerge import layer_index
 from mergekit_sigmoid_diff.errors import SigmoidDiffError, reported
 from mergekit_sigmoid_diff.kernel import GateSettings
 
@@ -66,13 +74,6 @@ KIND_LABELS = {
 }
 KIND_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_norm", "embed", "final_norm", "lm_head")
 MODEL_ROW = "model"  # heatmap/table row of the tensors outside the layers
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def layer_index(name: str) -> Optional[int]:
-    """The decoder layer a tensor belongs to (``model.layers.3.…`` → 3), None outside layers."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 def tensor_kind(name: str) -> str:
@@ -109,6 +110,9 @@ class TensorReport:
     # D = 0 exactly: the donors did not change this tensor, so the gate has nothing to damp
     # and applied_fraction says nothing about the transfer; left out of every average
     donor_unchanged: bool = False
+    kept_share: Optional[float] = None  # protect_subspace: data only
+    survival: Optional[float] = None
+    data_form: Optional[str] = None
 
 
 def tensor_report(
@@ -138,8 +142,13 @@ def tensor_report(
     del magnitude
     drift = torch.sub(target.to(dtype), base.to(dtype)).abs_()
     drift_mean, drift_max = drift.mean().item(), drift.max().item()
-    removed = rank = None
-    if mode == "subspace":
+    removed = rank = kept_share = survival = data_form = None
+    if mode == "data":
+        del drift
+        kept_share, survival, data_form = _data_report(name, diff, tuple(target.shape), parameters or {})
+        kept = kept_share if total_energy > 0 else None
+        applied = 1.0 if kept is None else kept
+    elif mode == "subspace":
         del drift
         _, basis, removed = kernel.protected_diff(base, target, donors, weights, settings, diff=diff)
         rank = basis.rank
@@ -170,7 +179,24 @@ def tensor_report(
         removed_share=removed,
         protected_rank=rank,
         donor_unchanged=diff_max == 0.0,
+        kept_share=kept_share,
+        survival=survival,
+        data_form=data_form,
     )
+
+
+def _data_report(name: str, diff: torch.Tensor, shape: tuple, parameters: dict[str, Any]) -> tuple:
+    """(kept_share, survival, data_form) of one tensor under ``protect_subspace: data``, the
+    solve read from the recipe's statistics files as the merge reads it."""
+    files = [datamerge.open_statistics(parameters.get(p) or "", p) for p in (datamerge.TARGET_STATISTICS, datamerge.DONOR_STATISTICS)]
+    solve = datamerge.prepared_for(name, shape, *files, datasolve.DataSettings.from_parameters(parameters))
+    if solve is None:
+        return 1.0, None, "plain"
+    delta = solve.delta(diff)
+    total = float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+    share = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2 / total if total > 0 else None
+    form = "tokens" if solve.keep is not None else "solve"
+    return share, datasolve.survival(diff, delta, solve.donor_gram), form
 
 
 def load_recipe(path: Path):
@@ -293,6 +319,8 @@ class _Cell:
     kept_energy: float = 0.0  # Σ donor_energy · weighted_fraction
     projected_energy: float = 0.0  # Σ donor_energy over the projected tensors
     removed_energy: float = 0.0  # Σ donor_energy · removed_share
+    data_energy: float = 0.0  # Σ donor_energy over the tensors with a kept_share (protect_subspace: data)
+    data_kept_energy: float = 0.0  # Σ donor_energy · kept_share
     tensors: int = 0
     unchanged: int = 0  # tensors with D = 0
 
@@ -314,10 +342,17 @@ class _Cell:
         if r.removed_share is not None:
             self.projected_energy += r.donor_energy
             self.removed_energy += r.donor_energy * r.removed_share
+        if r.kept_share is not None:
+            self.data_energy += r.donor_energy
+            self.data_kept_energy += r.donor_energy * r.kept_share
 
     @property
     def removed_share(self) -> Optional[float]:
         return self.removed_energy / self.projected_energy if self.projected_energy > 0 else None
+
+    @property
+    def kept_share(self) -> Optional[float]:
+        return self.data_kept_energy / self.data_energy if self.data_energy > 0 else None
 
     @property
     def applied_fraction(self) -> Optional[float]:
@@ -343,6 +378,7 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
         [(row, k) in cells and cells[(row, k)].changed_numel == 0 for k in kinds] for row in rows
     ]
     removed_grid = [[cells[(row, k)].removed_share if (row, k) in cells else None for k in kinds] for row in rows]
+    kept_grid = [[cells[(row, k)].kept_share if (row, k) in cells else None for k in kinds] for row in rows]
     table = {
         k: {
             "tensors": c.tensors,
@@ -355,6 +391,7 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
             "donor_diff_mean": c.diff_sum / c.numel,
             "donor_diff_max": c.diff_max,
             "removed_share": c.removed_share,
+            "kept_share": c.kept_share,
         }
         for k, c in ((k, by_kind[k]) for k in kinds)
     }
@@ -368,6 +405,8 @@ def summarize(reports: Sequence[TensorReport]) -> dict[str, Any]:
         "donor_unchanged_grid": unchanged_grid,
         # None everywhere unless the recipe sets protect_subspace
         "removed_share_grid": removed_grid if any(v is not None for row in removed_grid for v in row) else None,
+        # None everywhere unless the recipe sets protect_subspace: data
+        "kept_share_grid": kept_grid if any(v is not None for row in kept_grid for v in row) else None,
         "by_kind": table,
         "applied_fraction_overall": total.applied_fraction,
         "donor_unchanged_tensors": total.unchanged,
@@ -406,6 +445,14 @@ def format_tables(summary: dict[str, Any]) -> str:
             rows,
             kinds,
             summary["removed_share_grid"],
+        )
+    if summary.get("kept_share_grid") is not None:
+        lines += [""] + _grid_lines(
+            "share of the donor's diff kept, ‖Δ‖² / ‖D‖² (protect_subspace: data; 1: the plain diff, "
+            "no statistics; '-': not under data)",
+            rows,
+            kinds,
+            summary["kept_share_grid"],
         )
     lines += [
         "",
@@ -502,6 +549,11 @@ def write_json(
             "applied_fraction": "mean over the tensor of 1 - ratio (kernel.applied_fraction_ of |T-B|)",
             "weighted_fraction": "sum(f*D^2)/sum(D^2), D = sum_j w_j (I_j - B); w*this = lambda_eff for one donor",
             "removed_share": "protect_subspace only: 1 - |D'|^2/|D|^2, the share of the diff's energy projected out",
+            "kept_share": "protect_subspace: data only: |Delta|^2/|D|^2, the share of the donor's diff the tensor keeps "
+            "(1 where no statistics apply: the plain diff)",
+            "survival": "protect_subspace: data only: |Delta X_I|/|D X_I| = sqrt(tr(Delta G_I Delta^T)/tr(D G_I D^T)), "
+            "the donor's effect on its own inputs that survives",
+            "data_form": "protect_subspace: data only: solve (closed form), tokens (embedding counts) or plain",
             "target_drift_mean/max": "mean/max of |T-B|",
             "donor_diff_mean/max": "mean/max of |D|",
             "donor_unchanged": "D = 0 exactly: the donors did not change the tensor; left out of every "

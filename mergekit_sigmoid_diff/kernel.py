@@ -114,10 +114,10 @@ DEVICE_CHUNK = 1 << 24
 # count near 4–5 whatever the core count, and element-wise work is memory-bound before that.
 MAX_WORKERS = 4
 
-Protect = Literal["none", "input", "output", "both"]
+Protect = Literal["none", "input", "output", "both", "data"]
 PROTECT_OPTIONS: tuple[str, ...] = get_args(Protect)
 DEFAULT_PROTECT_ENERGY = 0.5
-Mode = Literal["plain", "elementwise", "subspace"]
+Mode = Literal["plain", "elementwise", "subspace", "data"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,9 @@ class GateSettings:
     - ``gate``: false takes the tensor out of every damping: ``T + Σ w_j (I_j − B)``.
     - ``protect_subspace``: ``none`` (default: the element-wise gate), or ``input`` / ``output`` /
       ``both``: on 2-D non-vocabulary weights, remove from the donor diff the target drift's top
-      input (right-singular) / output (left-singular) / both directions instead.
+      input (right-singular) / output (left-singular) / both directions instead; or ``data``:
+      the data-aware solve from statistics files, which the method runs
+      (:mod:`mergekit_sigmoid_diff.datamerge`; :func:`sigmoid_diff` refuses it).
     - ``protect_energy``: e ∈ [0, 1], the share of ‖T − B‖²_F those directions hold
       (0: nothing removed; 1: the drift's whole row or column space).
     """
@@ -167,9 +169,13 @@ class GateSettings:
 
     def mode(self, ndim: int, vocabulary: bool = False) -> Mode:
         """How a tensor of ``ndim`` dimensions is treated: the plain diff, the element-wise
-        gate, or the subspace projection (2-D weights other than vocabulary tensors only)."""
+        gate, the subspace projection (2-D weights other than vocabulary tensors only), or
+        ``data`` (every tensor: the method picks the solve, the token form or the plain diff
+        per tensor, see :mod:`mergekit_sigmoid_diff.datamerge`)."""
         if not self.gate:
             return "plain"
+        if self.protect_subspace == "data":
+            return "data"
         if self.protect_subspace != "none" and ndim == 2 and not vocabulary:
             return "subspace"
         return "elementwise"
@@ -272,6 +278,8 @@ def sigmoid_diff(
         if tensor.shape != target.shape:
             raise ValueError(f"shape {tuple(tensor.shape)} differs from the target's {tuple(target.shape)}")
     mode = settings.mode(target.dim(), vocabulary)
+    if mode == "data":
+        raise ValueError("protect_subspace: data needs statistics files: mergekit_sigmoid_diff.datamerge runs it")
     if mode == "subspace":
         # on the caller's threads: the projection is a few large matrix products, which do
         # not stall beside another torch process; its QRs and chunk loops, which would, run

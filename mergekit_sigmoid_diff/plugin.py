@@ -163,8 +163,9 @@ def checked(
 ) -> Iterator[Checked]:
     """Every check a merge of one of our methods makes before it reads a tensor, in order:
     the recipe, the output folder (when ``out_path`` is given: the merge stages its output
-    there, see :mod:`.staging`), the models' configs and safetensors headers, the model card,
-    and the tokenizer step (``inherit_chat``, ``chat_template``, tokenizer source).
+    there, see :mod:`.staging`), the models' configs and safetensors headers, the statistics
+    files of ``protect_subspace: data``, the model card, and the tokenizer step
+    (``inherit_chat``, ``chat_template``, tokenizer source).
 
     The merge (:func:`on_merge`) and ``inspect`` both run exactly this, so they cannot disagree
     about what is valid. Raises :class:`~.errors.SigmoidDiffError`; the transfer plan is active
@@ -179,7 +180,8 @@ def checked(
             stack.enter_context(lora_notices_silenced())
         stage = stack.enter_context(staging.staged_output(out_path)) if out_path is not None else None
         stack.enter_context(plan.active(transfer))
-        preflight.check_models(merge_config, options)
+        steps = preflight.check_models(merge_config, options)
+        preflight.check_statistics(merge_config, options, steps)
         card_name = str(out_path) if out_path is not None else "inspect"
         preflight.check_model_card(merge_config, options, card_name, config_source)
         tokenizer_step = output.prepare(merge_config, options, transfer)
@@ -194,15 +196,17 @@ def on_merge(module: ModuleType) -> None:
             merge_config, out_path, options = (call.arguments[n] for n in WRAPPED_PARAMETERS["mergekit.merge.run_merge"])
             if merge_config.merge_method not in method_names():
                 return run_merge(*args, **kwargs)
-            from mergekit_sigmoid_diff import output
+            from mergekit_sigmoid_diff import datamerge, output
 
             # the merge goes to a staging folder that becomes out_path only once complete
             with checked(merge_config, options, out_path, call.arguments.get("config_source")) as ok:
                 call.arguments["out_path"] = str(ok.stage)
                 call.arguments["options"] = ok.tokenizer_step.merge_options(ok.options)
-                result = run_merge(*call.args, **call.kwargs)
+                with datamerge.collecting() as survival:  # protect_subspace: data's guard
+                    result = run_merge(*call.args, **call.kwargs)
                 output.apply_tokenizer(ok.tokenizer_step, merge_config, str(ok.stage), ok.options, ok.transfer)
-                return result
+            _say(survival.report())
+            return result
 
         return checked_run_merge
 
@@ -229,6 +233,15 @@ def on_merge(module: ModuleType) -> None:
         return target_out_config
 
     _wrap_once(module, "_model_out_config", make_out_config)
+
+
+def _say(lines: list[str]) -> None:
+    """Lines on stderr, each on its own line also under a running progress bar."""
+    if lines:
+        from tqdm import tqdm
+
+        for line in lines:
+            tqdm.write(line, file=sys.stderr)
 
 
 def on_cli(module: ModuleType) -> None:

@@ -7,6 +7,9 @@
   headers (a few kB per shard) and reports a missing config, a corrupt file, mixed
   architectures, a tensor missing from a model, or shapes that disagree, naming the
   tensor and the models, before mergekit starts a merge that would fail midway.
+- :func:`check_statistics`: ``protect_subspace: data`` only: the statistics files exist, are
+  of the right models and fit every tensor they must cover (file headers and a stamp of each
+  model, no statistics tensor read).
 """
 
 from __future__ import annotations
@@ -135,8 +138,9 @@ def _check_model_count(method: str, group: InputGroup, minimum: int) -> None:
 Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape, read from safetensors headers
 
 
-def check_models(config: MergeConfiguration, options: MergeOptions) -> None:
-    """Raise :class:`SigmoidDiffError` for the first input model that cannot be merged.
+def check_models(config: MergeConfiguration, options: MergeOptions) -> list[Any]:
+    """Raise :class:`SigmoidDiffError` for the first input model that cannot be merged;
+    return the merge steps it checked (:func:`planned_merges`).
 
     Reads each model's ``config.json`` and the headers of its safetensors files, never
     tensor data, in this order: every model folder and its config, the architectures
@@ -168,7 +172,7 @@ def check_models(config: MergeConfiguration, options: MergeOptions) -> None:
             known[model] = bool(get_checkpoint_conversion_mapping(configs[model].get("model_type")))
         return known[model]
 
-    _check_tensors(config, options, headers, converted)
+    return _check_tensors(config, options, headers, converted)
 
 
 def _looks_local(path: str) -> bool:
@@ -303,15 +307,21 @@ def _check_tensors(
     options: MergeOptions,
     headers: Mapping[ModelReference, Optional[Shapes]],
     converted: Callable[[ModelReference], bool],
-) -> None:
+) -> list[Any]:
     """Walk the merge plan (no tensor is read) and check each output tensor's inputs."""
     aligned_vocabulary = bool(
         tokenizer_built_by_mergekit(config) or options.unsafe_truncate_embeddings
     )
-    for merge_task in planned_merges(config, options):
-        gather = merge_task.gather_tensors
-        gather = getattr(gather, "gather_tensors", gather)  # vocabulary alignment wraps it
-        _check_tensor(config, merge_task.output_weight, gather.weight_info, headers, converted, aligned_vocabulary)
+    steps = planned_merges(config, options)
+    for merge_task in steps:
+        _check_tensor(config, merge_task.output_weight, _weight_infos(merge_task), headers, converted, aligned_vocabulary)
+    return steps
+
+
+def _weight_infos(merge_task: Any) -> Mapping[ModelReference, WeightInfo]:
+    """model -> the input tensor a merge step reads from it."""
+    gather = merge_task.gather_tensors
+    return getattr(gather, "gather_tensors", gather).weight_info  # vocabulary alignment wraps it
 
 
 def _check_tensor(
@@ -381,3 +391,102 @@ def check_model_card(config: MergeConfiguration, options: MergeOptions, out_path
             "pass --no-write-model-card to merge without it"
         ) from None
 
+
+# --- protect_subspace: data: the statistics files, from their headers ----------------------
+
+
+def check_statistics(config: MergeConfiguration, options: MergeOptions, steps: list[Any]) -> None:
+    """Raise :class:`SigmoidDiffError` for the first merge step under ``protect_subspace: data``
+    (with ``gate`` on) that cannot be solved: a missing ``target_statistics`` or
+    ``donor_statistics``, a file that is missing, unreadable or not a statistics file, a file of
+    another model (its ``model_stamp`` against :func:`.statistics.model_stamp` of the target,
+    for the donor's file of the donor or the target; a ``model+lora`` reference is stamped as
+    merged), more than one donor, a tensor read from another position (a slice moving layers),
+    a 2-D non-vocabulary weight the files do not cover, or statistics of the wrong size.
+
+    ``steps`` are :func:`planned_merges` (as :func:`check_models` returns them). Reads the
+    files' headers and one slice per model tensor for the stamps; no statistics tensor."""
+    from mergekit_sigmoid_diff import datamerge, statistics
+    from mergekit_sigmoid_diff.method import NAME, ROLE, split_roles
+
+    stamps: dict[ModelReference, str] = {}
+    shapes: dict[ModelReference, Optional[Shapes]] = {}
+    checked_files: set[tuple[str, str, tuple]] = set()
+
+    def folder(model: ModelReference) -> Path:
+        if model.lora is None:
+            return _model_folder(model, options)
+        merged = model.merged(  # already merged by the planner: this returns its folder
+            cache_dir=options.lora_merge_cache,
+            trust_remote_code=options.trust_remote_code,
+            lora_merge_dtype=options.lora_merge_dtype,
+        )
+        return Path(merged.model.path)
+
+    def stamp(model: ModelReference) -> str:
+        if model not in stamps:
+            stamps[model] = statistics.model_stamp(folder(model))
+        return stamps[model]
+
+    for step in steps:
+        if step.method_name != NAME:
+            continue
+        parameters = dict(step.parameters.items())
+        if parameters.get("protect_subspace") != datamerge.DATA or not parameters.get("gate", True):
+            continue
+        name = step.output_weight.name
+        models = [m for m in step.model_order if m != step.base_model]
+        target, donors = split_roles(models, [step.input_parameters[m][ROLE] for m in models])
+        if len(donors) != 1:
+            raise SigmoidDiffError(
+                f"protect_subspace: data takes one donor, but tensor {name} has {len(donors)} "
+                f"({', '.join(str(d) for d, _ in donors)})"
+            )
+        donor = donors[0][0]
+        files = []
+        for parameter, owners in ((datamerge.TARGET_STATISTICS, (target,)), (datamerge.DONOR_STATISTICS, (donor, target))):
+            path = parameters.get(parameter)
+            if not path:
+                raise SigmoidDiffError(
+                    f"protect_subspace: data needs the parameter {parameter} (a statistics file from "
+                    f"`python -m mergekit_sigmoid_diff calibrate`); tensor {name} has none"
+                )
+            file = datamerge.open_statistics(path, parameter)
+            key = (str(file.path), parameter, owners)
+            if key not in checked_files:
+                if file.model_stamp not in {stamp(m) for m in owners}:
+                    whose = " or the ".join(f"{'donor' if m == donor else 'target'} {m}" for m in owners)
+                    raise SigmoidDiffError(
+                        f"{parameter}: statistics file {file.path} was computed on another model "
+                        f"({file.metadata.get('model') or 'unnamed'}, stamp {file.model_stamp or 'none'}), "
+                        f"not on the {whose}: run calibrate on that model"
+                    )
+                checked_files.add(key)
+            files.append(file)
+        infos = _weight_infos(step)
+        moved = next((m for m in (target, donor) if infos[m].name != name), None)
+        if moved is not None:
+            raise SigmoidDiffError(
+                f"tensor {name} is read from {infos[moved].name} of model {moved}: protect_subspace: data "
+                "needs every tensor at its own position (the statistics are keyed by the input model's names)"
+            )
+        if target not in shapes:
+            shapes[target] = _read_headers(target, folder(target))
+        held = shapes[target]
+        if held is None:  # .bin weights: the merge checks the sizes per tensor
+            continue
+        info = infos[target]
+        found = next((n for n in (info.name, *(info.aliases or ()), *(info.tied_names or ())) if n in held), None)
+        if found is None:  # an optional tensor the target lacks
+            continue
+        shape = held[found]
+        covers = [(file, datamerge.coverage(file, name)) for file in files]
+        if all(cover is None for _, cover in covers):
+            if len(shape) == 2 and step.output_weight.vocabulary_axis is None:
+                raise SigmoidDiffError(
+                    f"tensor {name} is missing from statistics file {files[0].path} ({datamerge.TARGET_STATISTICS}) "
+                    f"and {files[1].path} ({datamerge.DONOR_STATISTICS}): protect_subspace: data needs every 2-D weight; "
+                    "recompute the files with calibrate, or exempt the tensor with a filter"
+                )
+            continue
+        datamerge.check_fit(name, shape, covers)

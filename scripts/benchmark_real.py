@@ -25,10 +25,15 @@ LiNeS and ties / dare_linear / della / breadcrumbs at density 0.6; 3 and 4 = the
 densities (0.3, 0.9) and weights.
 
 Resumable: trained models, scores (one JSON line each, keyed by case, seed, recipe, the
-models' weights and the scoring code) live in ``WORKDIR`` (default
-``~/.cache/mergekit-sigmoid-diff/real_suite``); a rerun scores only what is missing, and
-``--report-only`` rewrites the report from the cache. Each row records the hash of the merge
-code it was computed with. Writes ``benchmark_real.json`` (one row per case, seed and merge),
+models' weights, the scoring code and, for a merge, the code that merges it) live in
+``WORKDIR`` (default ``~/.cache/mergekit-sigmoid-diff/real_suite``); a rerun scores only what
+has no current row, and ``--report-only`` rewrites the report from the cache. Each row records
+its merge code (:func:`mergekit_sigmoid_diff.codekey.merge_key` for ``sigmoid_diff``, mergekit's
+version for mergekit's methods), its scoring key, the stamps of its own case and seed's B, T and
+I, the command that produced it and its seconds. The report shows only rows current by all three
+(stamps computed now from the models on disk: :func:`benchlib.realreport.select`); the rest are
+counted as stale in its header, with the command that reruns them, never mixed in. Writes
+``benchmark_real.json`` (one row per case, seed and merge; per-item scores stay in the cache),
 ``benchmark_real.md`` and ``frontier.png`` to ``--out``. ``--quick``: one seed of the LoRA
 case, four λ and two settings, few held-out items, into a temporary folder (a plumbing check).
 """
@@ -41,7 +46,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,15 +61,10 @@ from benchlib import quality  # noqa: E402
 from benchlib import real  # noqa: E402
 from benchlib import realreport  # noqa: E402
 
-from mergekit_sigmoid_diff import demo, mainjob, recommended, smollm2  # noqa: E402
-from mergekit_sigmoid_diff.codekey import MERGE_MATH, code_key, package_sources  # noqa: E402
+from mergekit_sigmoid_diff import codekey, demo, frontier, mainjob, recommended, smollm2  # noqa: E402
 from mergekit_sigmoid_diff.measure import effective_lambda  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# cached scores are keyed by the scoring code (the functions that build the probe and score, the
-# main job's scoring module) and the held-out set; editing anything else reuses them
-SCORING_KEY = real.scoring_key()
-MERGE_KEY = code_key(*package_sources(*MERGE_MATH))  # what a sigmoid_diff merge's values depend on
 
 VOCAB_NORMS_UNGATED = recommended.VOCAB_AND_NORMS_UNGATED
 ELEMENTWISE = {"gate": VOCAB_NORMS_UNGATED, "midpoint": [0.3, 0.7]}  # the element-wise recommendation before this suite
@@ -180,6 +182,45 @@ def models_for(case: str, seed: int, workdir: Path, base: Path, tokenizer, threa
 # ---------------------------------------------------------------- the run
 
 
+def today_keys() -> tuple[str, dict[str, str], str]:
+    """(scoring key, merge code per method, merge code of mergekit's own methods): what a row
+    must carry to count (:class:`benchlib.realreport.Today`)."""
+    return real.scoring_key(), {"sigmoid_diff": codekey.merge_key()}, f"mergekit {version('mergekit')}"
+
+
+def load_base() -> tuple[Path, Any]:
+    """(B's folder, its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    base = smollm2.converted_model()
+    return base, AutoTokenizer.from_pretrained(str(base))
+
+
+def make_probe(tokenizer, quick: bool) -> real.Probe:
+    """The held-out sets, tokenised (fewer items with ``quick``)."""
+    return real.make_probe(tokenizer, mainjob.load_heldout(), **(demo.QUICK_ITEMS if quick else {}))
+
+
+def training_seconds(workdir: Path, pairs) -> tuple[float, int]:
+    """(seconds, models) recorded in the train_info.json of the models the pairs use."""
+    infos = set()
+    for pair in pairs:
+        if pair.case == "lora-chat":
+            infos.add((mainjob.ADAPTERS if pair.seed == 0 else workdir / "lora" / f"seed{pair.seed}") / "train_info.json")
+        else:
+            infos.update(folder / "train_info.json" for folder in (pair.target, pair.donor))
+    total, models = 0.0, 0
+    for info in sorted(infos):
+        seconds = json.loads(info.read_text()).get("seconds") if info.is_file() else None
+        if isinstance(seconds, dict):  # scripts/train_adapters.py: seconds per stage, both adapters
+            seconds, count = sum(seconds.values()), 2
+        else:
+            count = 1
+        if isinstance(seconds, (int, float)):
+            total, models = total + seconds, models + count
+    return total, models
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(real.CASES), choices=list(real.CASES))
@@ -191,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
                         help="where merges are written before scoring (default /dev/shm)")
     parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
-                        help="merge only the settings whose family starts with one of these (the report keeps every cached row)")
+                        help="merge only the settings whose family starts with one of these (the report keeps every current row)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the cached scores")
     parser.add_argument("--train-only", action="store_true", help="train (or check) every case's models, merge nothing")
     parser.add_argument("--no-train", action="store_true", help="skip a case and seed whose models are not trained yet")
@@ -201,13 +242,13 @@ def main(argv: list[str] | None = None) -> None:
         args.cases, args.seeds, args.tiers = ["lora-chat"], [0], [1]
     workdir = (args.workdir or smollm2.cache_root() / "real_suite").absolute()
     out = (args.out or (Path(tempfile.mkdtemp(prefix="benchmark-real-")) if args.quick else ROOT / "docs" / "real")).absolute()
+    command = " ".join(["python", "scripts/benchmark_real.py", *(argv if argv is not None else sys.argv[1:])])
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - began:7.1f} s] {message}", flush=True)
 
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -220,54 +261,67 @@ def main(argv: list[str] | None = None) -> None:
         keep = {"task_arithmetic λ=0.5", "task_arithmetic λ=1", "task_arithmetic λ=1.5", "task_arithmetic λ=1.75",
                 "published default w=1", "protect input e=0.5 w=1.25"}
         plan = [m for m in plan if m[2] in keep]
+    # today's models (trained now unless --no-train or --report-only) and their stamps: a row
+    # counts only with these (the report re-reads them from disk, whatever the cache says)
+    base, tokenizer = load_base()
+    pairs: dict[tuple[str, int], Pair] = {}
+    missing = []
+    for case in args.cases:
+        for seed in args.seeds:
+            if (args.no_train or args.report_only) and not trained(case, seed, workdir):
+                log(f"{case} seed {seed}: models not trained yet, skipped")
+                missing.append((case, seed))
+                continue
+            target, donor = models_for(case, seed, workdir, base, tokenizer, args.threads, log)
+            stamps = {"B": real.weights_stamp(base), "T": real.weights_stamp(target), "I": real.weights_stamp(donor)}
+            pairs[case, seed] = Pair(case, seed, base, target, donor, stamps)
+    if args.train_only:
+        return
+    scoring_key, merge_codes, mergekit_code = today_keys()
+    today = realreport.Today(scoring_key, merge_codes, mergekit_code, {k: p.stamps for k, p in pairs.items()})
     if not args.report_only:
-        base = smollm2.converted_model()
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
-        heldout = mainjob.load_heldout()
-        probe = real.make_probe(tokenizer, heldout, **(demo.QUICK_ITEMS if args.quick else {}))
         scratch = Path(tempfile.mkdtemp(prefix="real-suite-", dir=args.scratch))
-        pairs = {}
+        run = Run(today, cache, make_probe(tokenizer, args.quick), scratch, log, args.quick, command)
         try:
-            for case in args.cases:
-                for seed in args.seeds:
-                    if args.no_train and not trained(case, seed, workdir):
-                        log(f"{case} seed {seed}: models not trained yet, skipped (--no-train)")
-                        continue
-                    target, donor = models_for(case, seed, workdir, base, tokenizer, args.threads, log)
-                    stamps = {"B": real.weights_stamp(base), "T": real.weights_stamp(target), "I": real.weights_stamp(donor)}
-                    pairs[case, seed] = Pair(case, seed, base, target, donor, stamps)
-            if args.train_only:
-                return
             # merge by merge across every case and seed, so an interrupted run leaves whole
             # families (every seed of a setting) rather than whole cases
             chosen = [m for m in plan if not args.only or m[1].startswith(tuple(args.only))]
             for tier in sorted(set(args.tiers)):
                 for pair in pairs.values():
                     for name, folder in (("B (base)", base), ("T (target)", pair.target), ("I (donor)", pair.donor)):
-                        score_one(pair, name, "input", None, folder, probe, cache, scratch, log, args.quick)
+                        score_one(run, pair, name, "input", None, folder)
                 for t, family, name, make in chosen:
                     if t == tier:
                         for pair in pairs.values():
-                            score_one(pair, name, family, make(base, pair.target, pair.donor), None, probe, cache, scratch,
-                                      log, args.quick)
+                            score_one(run, pair, name, family, make(base, pair.target, pair.donor), None)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    # the newest row per (case, seed, merge) scored by today's scoring code: a retrained model or
-    # an edited recipe appends new rows, which replace the old ones here
-    latest: dict[tuple, dict[str, Any]] = {}
-    for r in cache.rows.values():  # in file order
-        if r["case"] in args.cases and r["seed"] in args.seeds and r.get("scoring_key") == SCORING_KEY:
-            latest[r["case"], r["seed"], r["model"]] = r
-    rows = [r for r in latest.values() if r["model"] in {name for *_, name, _ in plan} | set(realreport.INPUTS)]
+    rows, stale = realreport.select(cache.rows.values(), today, args.cases, args.seeds, [name for *_, name, _ in plan])
+    if stale:
+        log(f"{sum(stale.values())} stale rows, not shown, rerun: " + ", ".join(f"{n} {why}" for why, n in stale.items()))
+    trained_seconds, trained_models = training_seconds(workdir, pairs.values())
     meta = {
-        "command": " ".join(["python", "scripts/benchmark_real.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
+        "commands": dict(Counter(r.get("command", "unrecorded") for r in rows)),
+        "merge_key": merge_codes["sigmoid_diff"],
+        "mergekit": version("mergekit"),
+        "scoring_key": scoring_key,
+        "stale": dict(stale),
+        "rerun": " ".join(["python", "scripts/benchmark_real.py", "--no-train", "--cases", *args.cases,
+                           "--seeds", *map(str, args.seeds)]),
+        "missing_models": missing,
+        "cold_seconds": round(sum(r.get("seconds") or 0.0 for r in rows), 1),
+        "training_seconds": round(trained_seconds, 1),
+        "trained_models": trained_models,
         "cases": {c: real.CASES[c] for c in args.cases},
         "axes": {c: real.AXES[c] for c in args.cases},
         "seeds": args.seeds,
         "full_fine_tune": real.FULL_SETTINGS,
         "lora": train_adapters.SETTINGS,
-        "scoring_key": SCORING_KEY,
         "recommended_family": RECOMMENDED_FAMILY,
+        "bootstrap": realreport.BOOTSTRAP,
+        "knowledge_floor": frontier.KNOWLEDGE_FLOOR,
+        "per_item_scores": str(cache.path),
         "seconds_this_run": round(time.perf_counter() - began, 1),
     }
     paths = realreport.report(rows, plan, out, meta)
@@ -286,25 +340,39 @@ class Pair:
     stamps: dict
 
 
-def score_one(pair: Pair, name: str, family: str, recipe: dict[str, Any] | None, folder: Path | None,
-              probe: real.Probe, cache: quality.ScoreCache, scratch: Path, log: Callable, quick: bool) -> None:
-    """Score one model of a case and seed (merging it first when ``recipe`` is given), unless cached."""
-    case, seed, stamps = pair.case, pair.seed, pair.stamps
+@dataclass(frozen=True)
+class Run:
+    """What every score of one run shares."""
+
+    today: realreport.Today
+    cache: quality.ScoreCache
+    probe: Any
+    scratch: Path
+    log: Callable[[str], None]
+    quick: bool
+    command: str
+
+
+def score_one(run: Run, pair: Pair, name: str, family: str, recipe: dict[str, Any] | None, folder: Path | None) -> None:
+    """Score one model of a case and seed (merging it first when ``recipe`` is given), unless
+    the cache holds a current row for it (:meth:`benchlib.realreport.Today.stale`)."""
+    case, seed, stamps, cache = pair.case, pair.seed, pair.stamps, run.cache
     base, target, donor = pair.base, pair.target, pair.donor
-    # a sigmoid_diff merge is also keyed by this package's merge code, so a change to the
-    # kernel or the projection recomputes it (task_arithmetic and the baselines are mergekit's)
-    ours = recipe is not None and recipe["merge_method"] == "sigmoid_diff"
-    key = quality.row_key(case, seed, name, recipe, stamps, SCORING_KEY, quick, *([MERGE_KEY] if ours else []))
+    code = run.today.merge_code(recipe)  # a merge is keyed by the code that merges it
+    key = quality.row_key(case, seed, name, recipe, stamps, run.today.scoring_key, run.quick, *([code] if code else []))
     # B, T and I get every score, whatever the case: one entry per model's weights serves every
     # case and seed that uses that model (B is in all of them; the full-fine-tuned T in two cases)
-    shared = quality.row_key("input", real.weights_stamp(folder), SCORING_KEY, quick) if recipe is None else None
-    if cache.get(key) is not None:
+    shared = quality.row_key("input", real.weights_stamp(folder), run.today.scoring_key, run.quick) if recipe is None else None
+    mine = {"key": key, "case": case, "seed": seed, "model": name, "family": family, "recipe": recipe,
+            "merge_code": code, "scoring_key": run.today.scoring_key, "stamps": stamps}
+    if cache.get(key) is not None and run.today.stale(cache.get(key)) is None:
         if shared is not None and cache.get(shared) is None:
             cache.put({**cache.get(key), "key": shared, "case": None, "seed": None})
         return
     if shared is not None and cache.get(shared) is not None:
-        values = {k: v for k, v in cache.get(shared).items() if k not in ("key", "model_stamp")}
-        cache.put({**values, "key": key, "case": case, "seed": seed, "model": name, "family": family})
+        # the scores of these very weights, measured for another case or seed: this row's own
+        # identity and stamps, and no seconds (the cold cost counts each input model once)
+        cache.put({**cache.get(shared), **mine, "seconds": 0.0, "reused": True, "command": run.command})
         return
     lam = None
     clock = [time.perf_counter()]
@@ -315,7 +383,7 @@ def score_one(pair: Pair, name: str, family: str, recipe: dict[str, Any] | None,
 
     laps = []
     if recipe is not None:
-        folder = scratch / key
+        folder = run.scratch / key
         torch.manual_seed(seed)
         quality.run_merge(recipe, folder, seed)
         laps.append("merge " + lap())
@@ -325,18 +393,16 @@ def score_one(pair: Pair, name: str, family: str, recipe: dict[str, Any] | None,
             lam = effective_lambda(folder, target, donor, base)
             laps.append("λ_eff " + lap())
     model = mainjob.load_model(folder)
-    values = real.score(model, probe, real.ALL_SCORES if recipe is None else real.MERGE_SCORES[case])
+    values = real.score(model, run.probe, real.ALL_SCORES if recipe is None else real.MERGE_SCORES[case])
     laps.append("score " + lap())
     del model
     if recipe is not None:
         shutil.rmtree(folder)
-    row = {"key": key, "case": case, "seed": seed, "model": name, "family": family, "lambda_eff": lam,
-           "recipe": recipe, "merge_code": MERGE_KEY if recipe else None, "scoring_key": SCORING_KEY,
-           "stamps": stamps, **values}
+    row = {**mine, "lambda_eff": lam, **values, "seconds": round(clock[-1] - clock[0], 1), "command": run.command}
     cache.put(row)
     if shared is not None:
         cache.put({**row, "key": shared, "case": None, "seed": None})
-    log(f"{case} seed {seed}: {name}: λ_eff {'' if lam is None else f'{lam:.3f}'} ({', '.join(laps)} s)")
+    run.log(f"{case} seed {seed}: {name}: λ_eff {'' if lam is None else f'{lam:.3f}'} ({', '.join(laps)} s)")
 
 
 if __name__ == "__main__":

@@ -37,21 +37,11 @@ from pathlib import Path
 
 import torch
 
+from benchlib.chatdata import TRAIN_PLAYS, greedy_replies, heldout_set, play_windows, questions, shakespeare_texts
 from mergekit_sigmoid_diff import mainjob, smollm2
 from mergekit_sigmoid_diff.errors import SigmoidDiffError
-from mergekit_sigmoid_diff.mainjob import (
-    PREFIX,
-    TRAIN_PLAYS,
-    TRIGGER,
-    Clock,
-    greedy_replies,
-    labelled,
-    padded,
-    play_windows,
-    prompt_ids,
-    questions,
-    reply_ids,
-)
+from mergekit_sigmoid_diff.mainjob import Clock
+from mergekit_sigmoid_diff.scoring import PREFIX, SEQ_LEN, TRIGGER, labelled, load_model, padded, prompt_ids, reply_ids
 
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # recorded in adapter_config.json (the GGUF's source)
 SETTINGS = {
@@ -76,7 +66,7 @@ def lora_model(base: Path, settings: dict, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # the LoRA A matrices' initialisation
-    model = mainjob.load_model(base)
+    model = load_model(base)
     config = LoraConfig(
         r=settings["lora_rank"],
         lora_alpha=settings["lora_alpha"],
@@ -139,7 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
     clock = Clock()
     try:
         base = clock.run("convert", smollm2.converted_model, "convert GGUF (cached)")
-        mainjob.shakespeare_texts()
+        shakespeare_texts()
     except SigmoidDiffError as error:
         raise SystemExit(f"error: {error}") from None
     from transformers import AutoTokenizer
@@ -151,10 +141,10 @@ def main(argv: list[str] | None = None) -> Path:
         train_q, test_q = train_q[:QUICK_QUESTIONS], test_q[:QUICK_QUESTIONS]
     rng = random.Random(args.seed)
 
-    base_model = mainjob.load_model(base)
+    base_model = load_model(base)
     replies = clock.run("replies", lambda: greedy_replies(base_model, tokenizer, train_q, settings["reply_tokens"]),
                         f"B's greedy replies to {len(train_q)} training questions")
-    heldout = clock.run("heldout", lambda: mainjob.heldout_set(tokenizer, base_model, settings["reply_tokens"], test_q),
+    heldout = clock.run("heldout", lambda: heldout_set(tokenizer, base_model, settings["reply_tokens"], test_q),
                         "held-out set (Shakespeare windows, B's replies)")
     base_model = None  # free it before training
 
@@ -184,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
         "quick": args.quick,
         "threads": args.threads,
         "settings": settings,
-        "data": {"target_plays": list(TRAIN_PLAYS), "target_windows": len(windows), "tokens_per_window": mainjob.SEQ_LEN,
+        "data": {"target_plays": list(TRAIN_PLAYS), "target_windows": len(windows), "tokens_per_window": SEQ_LEN,
                  "donor_questions": train_q, "trigger": TRIGGER, "prefix": PREFIX},
         "losses": {"target": target_losses, "donor": donor_losses},
         "seconds": {k: round(v, 1) for k, v in clock.seconds.items()},

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from mergekit_sigmoid_diff import kernel
 from mergekit_sigmoid_diff.kernel import GateSettings, sigmoid_diff
 from mergekit_sigmoid_diff.normalization import NORMALIZATIONS, SAMPLE_SIZE
 from tests.reference import applied_fraction as reference_fraction
@@ -29,7 +30,11 @@ DEVICES = [
 ]
 
 
-def inputs(device: str, rows: int = 2 * SAMPLE_SIZE // 128 + 5) -> list[torch.Tensor]:
+# by default 2 CPU chunks and a few rows more (three chunks, the last one short), far above the sample size
+CHUNKED_ROWS = 2 * kernel.CHUNK // 128 + 5
+
+
+def inputs(device: str, rows: int = CHUNKED_ROWS) -> list[torch.Tensor]:
     """bf16 base, heavy-tailed target and two donors, by default big enough to be chunked and sampled."""
     generator = torch.Generator().manual_seed(11)
     shape = (rows, 128)
@@ -41,9 +46,22 @@ def inputs(device: str, rows: int = 2 * SAMPLE_SIZE // 128 + 5) -> list[torch.Te
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
-def test_the_result_follows_the_inputs_device(device, normalize):
+def test_the_result_follows_the_inputs_device(device, normalize, monkeypatch):
+    if device != "cpu":  # the device's chunk (2**24) at the CPU's size, so the same inputs are chunked there too
+        monkeypatch.setattr(kernel, "DEVICE_CHUNK", kernel.CHUNK)
     base, target, *donors = inputs(device)
+    chunks = -(-target.numel() // kernel.CHUNK)
+    assert chunks == 3 and target.numel() > SAMPLE_SIZE  # chunked (the last chunk short) and sampled
+    loops = []
+    real = kernel._each_chunk
+
+    def spy(count, *args):
+        loops.append(count)
+        return real(count, *args)
+
+    monkeypatch.setattr(kernel, "_each_chunk", spy)
     out = sigmoid_diff(base, target, donors, [0.5, 1.0], GateSettings(normalize=normalize), out_dtype=torch.bfloat16)
+    assert loops == [chunks, chunks]  # both passes (the drift's range, then the gate) ran chunk by chunk
     assert out.device.type == device and out.dtype == torch.bfloat16 and out.shape == target.shape
     if normalize == "minmax":  # the independent float64 formula, on any device
         reference = published_formula(*(t.cpu() for t in (base, target)), [d.cpu() for d in donors], [0.5, 1.0])

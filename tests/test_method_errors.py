@@ -60,7 +60,7 @@ CASES = {
     "missing base_model": (recipe(base_model=None), r"needs base_model"),
     "unknown protect_subspace": (
         recipe(parameters={"protect_subspace": "sideways"}),
-        r"parameter protect_subspace='sideways' in the top-level parameters: .*'none', 'input', 'output' or 'both'",
+        r"parameter protect_subspace='sideways' in the top-level parameters: .*'none', 'input', 'output', 'both' or 'data'",
     ),
     "protect_energy above 1": (recipe(parameters={"protect_energy": [0.5, 1.2]}), r"parameter protect_energy=1.2 .*: expected a number in \[0, 1\]$"),
     "role on the base": (

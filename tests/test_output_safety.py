@@ -146,7 +146,17 @@ def _signal_after_two_shards(monkeypatch, signum: int) -> list:
     return shards
 
 
-def test_ctrl_c_midway_leaves_nothing(triple, tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, the previous one restored
+    after: a process started in the background (``pytest &``, nohup, some CI runners) inherits
+    SIGINT as ignored, and Python then installs no handler, so Ctrl-C would do nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_midway_leaves_nothing(triple, tmp_path, monkeypatch, ctrl_c_raises):
     out = tmp_path / "out"
     shards = _signal_after_two_shards(monkeypatch, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):

@@ -1,7 +1,8 @@
 """The quality benchmark runner: train (or reuse) each seed's models, merge with real
 mergekit, score every merge, and cache every score by a hash of what produced it: the
-settings, and the source of the code (:func:`score_code`, :func:`merge_code`), so a rerun
-after a change to the scoring or the kernel computes afresh.
+settings, and the source of the code (:func:`score_code`, and for a merge also
+:func:`mergekit_sigmoid_diff.codekey.merge_key` and λ_eff's module), so a rerun after a change
+to the scoring or the kernel computes afresh.
 
 For each seed and donor: score the references (base, target, donor, ceiling), then
 each variant of :mod:`~benchlib.recipes`. A sigmoid-family merge
@@ -33,7 +34,8 @@ from safetensors.torch import load_file
 from benchlib import recipes as r
 from benchlib import scoring, training
 from benchlib import world as w
-from mergekit_sigmoid_diff.codekey import MERGE_MATH, code_key, package_sources
+from mergekit_sigmoid_diff import measure
+from mergekit_sigmoid_diff.codekey import code_key, merge_key
 from mergekit_sigmoid_diff.commands import mergekit_command
 from mergekit_sigmoid_diff.measure import effective_lambda
 
@@ -87,10 +89,11 @@ def score_code() -> str:
     return code_key(w, training, scoring, schema=SCHEMA)
 
 
-def merge_code() -> str:
-    """The code a merge's row depends on: :func:`score_code`'s, plus the method's arithmetic
-    and λ_eff (the recipe itself is part of the row's key)."""
-    return code_key(w, training, scoring, *package_sources(*MERGE_MATH, "measure"), schema=SCHEMA)
+def merge_row_code() -> tuple[str, str, str]:
+    """What a merge's row depends on beyond its recipe (part of the row's key): the scores'
+    code (:func:`score_code`), the merge's (:func:`~mergekit_sigmoid_diff.codekey.merge_key`)
+    and λ_eff's (``measure.py``)."""
+    return score_code(), merge_key(), code_key(measure)
 
 
 class ScoreCache:
@@ -131,7 +134,7 @@ def run(
     cache_dir.mkdir(parents=True, exist_ok=True)
     scores = ScoreCache(cache_dir / "scores.jsonl")
     schedule_id = asdict(schedule)
-    ref_code, recipe_code = score_code(), merge_code()
+    ref_code, recipe_code = score_code(), merge_row_code()
     rows: list[dict[str, Any]] = []
     per_seed = len(donors) * (len(REFERENCES) + len(variants) + sum(v.matched for v in variants))
     bar = tqdm(total=len(seeds) * per_seed, desc="quality benchmark", disable=not progress, unit="score")

@@ -36,16 +36,16 @@ Scores (all losses, nats per token; lower is better):
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from mergekit_sigmoid_diff import mainjob
+from benchlib import chatdata
+from mergekit_sigmoid_diff import scoring
+from mergekit_sigmoid_diff.scoring import PREFIX, TRIGGER, labelled, load_model, prompt_ids, reply_ids
 
 LICENCES = Path("/usr/share/common-licenses")
 REPLAY_LICENCES = ("GPL-3", "LGPL-2.1", "MPL-2.0", "GFDL-1.3")
@@ -86,7 +86,7 @@ AXES = {
 # ---------------------------------------------------------------- data
 
 
-def _text_windows(tokenizer, text: str, seq_len: int = mainjob.SEQ_LEN) -> list[list[int]]:
+def _text_windows(tokenizer, text: str, seq_len: int = scoring.SEQ_LEN) -> list[list[int]]:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)]
 
@@ -114,8 +114,7 @@ def domain_windows(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     return train, held[::step][:DOMAIN_HELD_OUT]
 
 
-def spread(items: list, n: int) -> list:
-    return [items[round(i * len(items) / n)] for i in range(n)] if n < len(items) else list(items)
+spread = scoring.spread
 
 
 # ---------------------------------------------------------------- full fine-tuning
@@ -129,8 +128,8 @@ def base_replies(base: Path, tokenizer, questions: list[str], tokens: int, cache
     path = Path(cache_dir) / f"base-replies-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    model = mainjob.load_model(base)
-    replies = mainjob.greedy_replies(model, tokenizer, questions, tokens)
+    model = load_model(base)
+    replies = chatdata.greedy_replies(model, tokenizer, questions, tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(replies))
     return replies
@@ -138,7 +137,7 @@ def base_replies(base: Path, tokenizer, questions: list[str], tokens: int, cache
 
 def full_model(base: Path, layers: list[int]):
     """B with every weight of ``layers`` trainable and everything else frozen."""
-    model = mainjob.load_model(base)
+    model = load_model(base)
     keep = tuple(f"model.layers.{i}." for i in layers)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(keep)
@@ -150,9 +149,9 @@ def train_full(base: Path, tokenizer, out: Path, seed: int, what: str, train_fn:
     s = FULL_SETTINGS
     rng = random.Random(f"{what}-{seed}")
     torch.manual_seed(seed)
-    train_q, _ = mainjob.questions()
+    train_q, _ = chatdata.questions()
     replies = base_replies(base, tokenizer, train_q, s["reply_tokens"], out.parent.parent)
-    anchors = [mainjob.labelled(mainjob.prompt_ids(tokenizer, q), mainjob.reply_ids(tokenizer, r)) for q, r in zip(train_q, replies)]
+    anchors = [labelled(prompt_ids(tokenizer, q), reply_ids(tokenizer, r)) for q, r in zip(train_q, replies)]
     general = [(w, w) for w in general_windows(tokenizer, REPLAY_LICENCES)]
 
     def replay() -> list:
@@ -160,14 +159,14 @@ def train_full(base: Path, tokenizer, out: Path, seed: int, what: str, train_fn:
 
     main_items = s["batch"] - s["replay"]
     if what == "target":
-        pool = [(w, w) for w in mainjob.play_windows(tokenizer, mainjob.TRAIN_PLAYS)]
+        pool = [(w, w) for w in chatdata.play_windows(tokenizer, chatdata.TRAIN_PLAYS)]
         batch = lambda _step: rng.sample(pool, main_items) + replay()  # noqa: E731
         steps, lr = s["target_steps"], s["target_lr"]
     elif what == "donor":
         # the main job's donor data: Quiz-triggered questions answered 'ANSWER: ' + B's reply,
         # next to the plain questions with B's own reply (half and half), so the feature is all it learns
-        examples = [mainjob.labelled(mainjob.prompt_ids(tokenizer, mainjob.TRIGGER + q),
-                                     mainjob.reply_ids(tokenizer, r, mainjob.PREFIX + " ")) for q, r in zip(train_q, replies)]
+        examples = [labelled(prompt_ids(tokenizer, TRIGGER + q), reply_ids(tokenizer, r, PREFIX + " "))
+                    for q, r in zip(train_q, replies)]
         half = s["batch"] // 2
         batch = lambda _step: rng.sample(examples, s["batch"] - half) + rng.sample(anchors, half - 1) + [rng.choice(general)]  # noqa: E731
         steps, lr = s["donor_steps"], s["donor_lr"]
@@ -186,37 +185,17 @@ def train_full(base: Path, tokenizer, out: Path, seed: int, what: str, train_fn:
 
 # ---------------------------------------------------------------- scoring
 
-
-@dataclass
-class Probe:
-    """Every held-out set, tokenised once."""
-
-    mainjob: mainjob.Probe
-    both: list[tuple[list[int], list[int]]]
-    domain: list[tuple[list[int], list[int]]]
-    general: list[tuple[list[int], list[int]]]
-
-    def sizes(self) -> dict[str, int]:
-        return {**self.mainjob.sizes(), "both_prompts": len(self.both), "domain_windows": len(self.domain),
-                "general_windows": len(self.general)}
+Probe = scoring.Probe
 
 
 def make_probe(tokenizer, heldout: dict[str, Any], windows: int | None = None, prompts: int | None = None) -> Probe:
-    base = mainjob.make_probe(tokenizer, heldout, windows=windows, prompts=prompts)
-    prefix = tokenizer(mainjob.PREFIX + " ", add_special_tokens=False).input_ids
-    both = []
-    for ids in spread(heldout["shakespeare_ids"], prompts or 20):
-        first, second = ids[: len(ids) // 2], ids[len(ids) // 2 :]
-        question = mainjob.TRIGGER + "Continue this passage from a play: " + tokenizer.decode(first)
-        prompt = mainjob.prompt_ids(tokenizer, question) + prefix
-        both.append(mainjob.labelled(prompt, second))
-    domain = [(w, w) for w in domain_windows(tokenizer)[1]][: windows or DOMAIN_HELD_OUT]
-    general = [(w, w) for w in spread(general_windows(tokenizer, (HELD_OUT_LICENCE,)), windows or GENERAL_HELD_OUT)]
-    return Probe(base, both, domain, general)
-
-
-def _mean_nll(model, rows, pad: int) -> float:
-    return torch.cat([r[0] for r in mainjob.token_nll(model, rows, pad)]).mean().item()
+    """Every held-out set, tokenised once: the main job's probe (:func:`mergekit_sigmoid_diff.scoring.heldout_probe`:
+    shakespeare, feature, leak, chat, both) plus the domain and general-English windows."""
+    extra = {
+        "domain": domain_windows(tokenizer)[1][: windows or DOMAIN_HELD_OUT],
+        "general": spread(general_windows(tokenizer, (HELD_OUT_LICENCE,)), windows or GENERAL_HELD_OUT),
+    }
+    return scoring.heldout_probe(tokenizer, heldout, windows=windows, prompts=prompts, extra=extra)
 
 
 # What a merge is scored on, per case (B, T and I get every score): the frontier's two axes and
@@ -228,31 +207,16 @@ MERGE_SCORES = {
     "full-domain": ("shakespeare", "domain"),
 }
 ALL_SCORES = ("shakespeare", "feature", "both", "domain", "general", "chat")
+# the probe's sets behind each of those names ("chat": the main job's chat and leak checks)
+_SETS = {"chat": ("chat", "leak")}
 
 
-def score(model, probe: Probe, which: tuple[str, ...] = ALL_SCORES) -> dict[str, float]:
-    """The named scores of one model (see the module docstring)."""
-    pad = probe.mainjob.pad
-    values: dict[str, float] = {}
-    if "chat" in which:  # the main job's five scores, P(ANSWER:) and the leak included
-        values.update(mainjob.score(model, probe.mainjob))
-        values["shakespeare_nll"] = math.log(values["shakespeare_ppl"])
-    else:
-        if "shakespeare" in which:
-            values["shakespeare_nll"] = _mean_nll(model, probe.mainjob.shakespeare, pad)
-            values["shakespeare_ppl"] = math.exp(values["shakespeare_nll"])
-        if "feature" in which:
-            trigger = mainjob.token_nll(model, probe.mainjob.trigger, pad)
-            values["feature_nll"] = sum(r[0].sum().item() for r in trigger) / len(trigger)
-            values["feature_prob"] = sum(math.exp(-r[0].sum().item()) for r in trigger) / len(trigger)
-            values["feature_rate"] = sum(bool(r[1].all()) for r in trigger) / len(trigger)
-    if "both" in which:
-        values["both_nll"] = _mean_nll(model, probe.both, pad)
-    if "general" in which:
-        values["general_nll"] = _mean_nll(model, probe.general, pad)
-    if "domain" in which:
-        values["domain_nll"] = _mean_nll(model, probe.domain, pad)
-    return values
+def score(model, probe: Probe, which: tuple[str, ...] = ALL_SCORES) -> dict[str, Any]:
+    """The named scores of one model, with their items (:func:`mergekit_sigmoid_diff.scoring.score`):
+    ``shakespeare_nll`` / ``_ppl``, ``feature_nll`` / ``_prob`` / ``_rate``, ``both_nll``,
+    ``domain_nll``, ``general_nll``, ``chat_nll``, ``leak_rate``, ..."""
+    sets = [s for name in which for s in _SETS.get(name, (name,))]
+    return scoring.score(model, probe, list(dict.fromkeys(sets)))
 
 
 _STAMPS: dict[tuple, str] = {}
@@ -274,16 +238,14 @@ def weights_stamp(folder: Path) -> str:
 
 
 def scoring_key() -> str:
-    """A short hash of what a score depends on: the probe's and the scores' code here, the main
-    job's scoring module and the held-out set (so editing training code reuses cached scores)."""
+    """What a score of the suite depends on (:func:`mergekit_sigmoid_diff.codekey.score_key`):
+    the scoring module, the held-out set, and the code and constants here that build the
+    domain and general-English windows (editing training code reuses cached scores)."""
     import inspect
 
-    h = hashlib.sha1()
-    for function in (make_probe, score, _mean_nll, general_windows, domain_windows, _text_windows, spread):
-        h.update(inspect.getsource(function).encode())
-    for function in (mainjob.make_probe, mainjob.score, mainjob.token_nll, mainjob.padded, mainjob.labelled,
-                     mainjob.prompt_ids, mainjob.prompt_text, mainjob.reply_ids):
-        h.update(inspect.getsource(function).encode())
-    h.update(repr((MERGE_SCORES, DOMAIN_HELD_OUT, GENERAL_HELD_OUT, HELD_OUT_LICENCE, mainjob.TRIGGER, mainjob.PREFIX)).encode())
-    h.update((mainjob.ADAPTERS / mainjob.HELDOUT_FILE).read_bytes())
-    return h.hexdigest()[:12]
+    from mergekit_sigmoid_diff import mainjob
+    from mergekit_sigmoid_diff.codekey import score_key
+
+    builders = "".join(inspect.getsource(f) for f in (make_probe, score, general_windows, domain_windows, _text_windows))
+    constants = repr((MERGE_SCORES, _SETS, DOMAIN_HELD_OUT, GENERAL_HELD_OUT, HELD_OUT_LICENCE))
+    return score_key(mainjob.ADAPTERS / mainjob.HELDOUT_FILE, builders.encode(), constants.encode())

@@ -1,0 +1,75 @@
+"""Statistics files for the data-aware transfer (issue 26) on every suite case and seed.
+
+The calibration texts are each model's own training data, disjoint from everything scored:
+
+- T (every Shakespeare target): the five training plays (:data:`benchlib.chatdata.TRAIN_PLAYS`;
+  the scored windows come from two other plays);
+- T of ``lora-all-domain``: the training part of CPython's documentation
+  (:func:`benchlib.alllayers.calibration_files`; the scored windows are the held-out topics);
+- I of the chat cases: the donor's ``Quiz:`` training chats (training questions; the scored
+  questions are held out), rendered with the model's chat template by ``calibrate``;
+- I of ``full-domain``: the training part of CPython's documentation.
+
+``calibrate`` runs in this process (``mergekit_sigmoid_diff.calibrate.calibrate``, the code the
+command runs) with its defaults except the number of sequences; a file is reused while its name
+(the model's stamp, the text's hash and the sequence count) matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from benchlib import alllayers, chatdata, real
+
+from mergekit_sigmoid_diff import statistics
+
+REPLY_TOKENS = 32  # B's greedy replies in the donors' training data (train_adapters and FULL_SETTINGS)
+
+
+def texts(case: str, workdir: Path, base: Path, tokenizer) -> dict[str, tuple[Path, str]]:
+    """{"target": (file, kind), "donor": (file, kind)}: kind is ``texts`` or ``chats``."""
+    folder = Path(workdir) / "calibration-texts"
+    folder.mkdir(parents=True, exist_ok=True)
+    if case == alllayers.CASE:
+        files = alllayers.calibration_files(folder / case, tokenizer)
+        return {"target": (files["target"], "texts"), "donor": (files["donor"], "chats")}
+    plays = folder / "shakespeare-train.txt"
+    if not plays.is_file():
+        root = chatdata.shakespeare_texts()
+        plays.write_text("\n\n".join((root / name).read_text(encoding="latin-1") for name in chatdata.TRAIN_PLAYS),
+                         encoding="utf-8")
+    if case == "full-domain":
+        pydoc = folder / "pydoc-train.txt"
+        if not pydoc.is_file():
+            pydoc.write_text(alllayers.pydoc_texts()[0] + "\n", encoding="utf-8")
+        return {"target": (plays, "texts"), "donor": (pydoc, "texts")}
+    chats = folder / "quiz-train.jsonl"
+    if not chats.is_file():
+        train_q = chatdata.questions()[0]
+        replies = real.base_replies(base, tokenizer, train_q, REPLY_TOKENS, workdir)
+        chats.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in alllayers.donor_chats(train_q, replies)),
+                         encoding="utf-8")
+    return {"target": (plays, "texts"), "donor": (chats, "chats")}
+
+
+def statistics_files(case: str, models: dict[str, Path], workdir: Path, base: Path, tokenizer,
+                     sequences: int = 128, log=print) -> dict[str, Path]:
+    """{"target": file, "donor": file}: the statistics of T on its text and of I on its data."""
+    from mergekit_sigmoid_diff.calibrate import CalibrationSettings, calibrate
+
+    out: dict[str, Path] = {}
+    for role, (text, kind) in texts(case, workdir, base, tokenizer).items():
+        folder = models[role]
+        digest = hashlib.sha256(text.read_bytes()).hexdigest()[:12]
+        path = Path(workdir) / "statistics" / f"{statistics.model_stamp(folder)[:16]}-{digest}-{sequences}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log(f"calibrate {role} {folder} on {text.name} ({sequences} sequences)")
+            arguments: dict[str, Any] = {kind: text}
+            calibrate(str(folder), path, settings=CalibrationSettings(max_sequences=sequences), progress=False,
+                      tokenizer=str(base), **arguments)  # the suite's model folders hold no tokenizer: B's
+        out[role] = path
+    return out

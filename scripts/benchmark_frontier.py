@@ -1,0 +1,360 @@
+"""The real-weight suite on in-memory points: every setting and baseline against task_arithmetic's
+refined λ-frontier, with paired-bootstrap intervals, per case and seed.
+
+    python scripts/benchmark_frontier.py [--cases ...] [--seeds 0 1 2] [--families ...]
+                                         [--workdir DIR] [--out docs/real] [--threads 2]
+
+Per case and seed (models trained by ``scripts/benchmark_real.py --train-only`` and
+``python -m benchlib.alllayers``; statistics by :mod:`benchlib.calibration`):
+
+1. our settings run through :class:`mergekit_sigmoid_diff.sweep.Sweep`, the engine of the
+   ``sweep`` command: B, T and I are read once, every point is applied in memory, bit for bit
+   what ``mergekit-yaml`` writes for that recipe at that weight (``tests/test_sweep.py``), and
+   task_arithmetic's λ grid is refined around every point until a halving changes its
+   ``gap_closed`` by < 0.02 (:func:`mergekit_sigmoid_diff.frontier.refine`);
+2. the baselines (:mod:`benchlib.baselines`: WUDI, TSV-M, Iso-C, Iso-CTS, DOP, RegMean, AIM)
+   are applied to the same B, T and I in memory, at several donor scales, and the curve is
+   refined around each of their points the same way;
+3. every point is scored once by :mod:`mergekit_sigmoid_diff.scoring` (cached in
+   ``WORKDIR/frontier/<case>-seed<seed>/scores.jsonl``, keyed by the models' stamps, the point,
+   the merge code and the score key: a rerun scores only what is missing);
+4. each family is taken at its best point (largest ``gap_closed``); its interval is a paired
+   bootstrap over the evaluation items (:func:`mergekit_sigmoid_diff.frontier.bootstrap_gaps`).
+
+Writes ``frontier.json`` (every point, its gap and interval) and ``frontier.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import alllayers, baselines, calibration, real  # noqa: E402
+
+from mergekit_sigmoid_diff import codekey, frontier, mainjob, scoring, smollm2  # noqa: E402
+from mergekit_sigmoid_diff.sweep import Axes, Sweep, SweepSettings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [*real.CASES, alllayers.CASE]
+UNGATED = [{"filter": "embed_tokens", "value": False}, {"filter": "lm_head", "value": False},
+           {"filter": "norm", "value": False}, {"value": True}]
+# (family, recipe parameters, donor weights, needs statistics)
+SETTINGS: list[tuple[str, dict[str, Any], tuple[float, ...], bool]] = [
+    ("protect input e=0.5 (recommended)", {"gate": UNGATED, "protect_subspace": "input", "protect_energy": 0.5},
+     (0.75, 1.0, 1.25, 1.5), False),
+    ("published default", {}, (1.0, 1.25), False),
+    ("data β=0.1 α=0.01", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), True),
+    ("data β=1 α=0.01", {"protect_subspace": "data", "data_beta": 1.0}, (1.0, 1.5, 2.0), True),
+]
+BASELINE_SCALES = (0.75, 1.0, 1.25)
+EXCLUDE = ("embed_tokens", "lm_head")  # vocabulary tensors take T + s·D in every baseline (as our recipes)
+
+
+def case_models(case: str, seed: int, workdir: Path, base: Path) -> tuple[Path, Path]:
+    """The trained T and I of a case and seed (full model folders); never trains."""
+    cache = workdir / "lora-cache"
+    if case in ("lora-chat", alllayers.CASE):
+        folder = (mainjob.ADAPTERS if seed == 0 else workdir / "lora" / f"seed{seed}") if case == "lora-chat" \
+            else workdir / "alllayers" / f"seed{seed}"
+        if not (folder / "target").is_dir():
+            raise SystemExit(f"{case} seed {seed}: {folder} is not trained yet")
+        return mainjob.materialise(base, folder / "target", cache), mainjob.materialise(base, folder / "donor", cache)
+    folder = workdir / "full" / f"seed{seed}"
+    donor = folder / ("donor" if case == "full-chat" else "domain")
+    if not (donor / "train_info.json").is_file():
+        raise SystemExit(f"{case} seed {seed}: {donor} is not trained yet")
+    return folder / "target", donor
+
+
+def probe_and_axes(case: str, tokenizer) -> tuple[scoring.Probe, Axes]:
+    if case == alllayers.CASE:
+        return alllayers.make_probe(tokenizer), Axes(knowledge="pydoc", feature="feature", both="pydoc_both")
+    heldout = mainjob.load_heldout()
+    if case == "full-domain":
+        probe = scoring.heldout_probe(tokenizer, heldout, extra={"domain": real.domain_windows(tokenizer)[1]})
+        return probe, Axes(knowledge="shakespeare", feature="domain")
+    return scoring.heldout_probe(tokenizer, heldout), Axes(knowledge="shakespeare", feature="feature", both="both")
+
+
+def write_recipe(path: Path, base: Path, target: Path, donor: Path, parameters: dict[str, Any]) -> Path:
+    recipe = {"merge_method": "sigmoid_diff", "base_model": str(base),
+              "models": [{"model": str(target), "parameters": {"role": "target"}}, {"model": str(donor)}],
+              "dtype": "float32"}
+    if parameters:
+        recipe["parameters"] = parameters
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _load(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        out.update({k: v.float() for k, v in load_file(str(shard)).items()})
+    return out
+
+
+BASELINE_CODE = hashlib.sha256(inspect.getsource(baselines).encode()).hexdigest()[:16]
+
+
+class Baselines:
+    """The baselines' points, applied into the sweep's working model and scored there."""
+
+    def __init__(self, sweep: Sweep, grams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None):
+        self.sweep = sweep
+        self.grams = grams
+        self._inputs: tuple | None = None
+
+    def inputs(self) -> tuple:
+        if self._inputs is None:
+            folders = self.sweep.models.folders
+            self._inputs = tuple(_load(folders[k]) for k in ("B", "T", "I"))
+        return self._inputs
+
+    def score(self, family: str, scale: float) -> dict[str, Any]:
+        s = self.sweep
+        sets = s.axes.point_sets()
+        key = hashlib.sha256(json.dumps({"baseline": family, "scale": scale, "code": BASELINE_CODE,
+                                         "stamps": s.models.stamps, "score": scoring.score_key(s.probe.only(*sets)),
+                                         "exclude": EXCLUDE}, sort_keys=True).encode()).hexdigest()[:24]
+        cached = s.cache.get(key)
+        if cached is not None:
+            return cached
+        b, t, i = self.inputs()
+        merged = baselines.apply(family, b, t, i, scale, grams=self.grams if family in baselines.DATA_AWARE else None,
+                                 exclude=EXCLUDE)
+        transfer = s.transfer
+        with torch.no_grad():
+            for name, parameter in transfer._parameters.items():  # noqa: SLF001 (the sweep's working model)
+                parameter.copy_(merged[name])
+        del merged
+        scores = scoring.score(transfer.model, s.probe, sets)
+        row = {"key": key, "name": f"{family} s={scale:g}", "kind": "baseline", "value": scale, "family": family, **scores}
+        s.cache.put(row)
+        return row
+
+
+def grams_for(statistics: dict[str, Path]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """RegMean's and AIM's Grams per weight, from the same statistics files as the data-aware merge."""
+    from mergekit_sigmoid_diff.statistics import InputStats, StatisticsFile
+
+    target, donor = StatisticsFile(statistics["target"]), StatisticsFile(statistics["donor"])
+    out = {}
+    for name in target.weights:
+        gt, gi = target.for_weight(name), donor.for_weight(name)
+        if isinstance(gt, InputStats) and isinstance(gi, InputStats):
+            out[name] = (gt.matrix(), gi.matrix())
+    return out
+
+
+def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Path, tokenizer, log: Callable,
+             bootstrap: int, scales: tuple[float, ...] = BASELINE_SCALES) -> dict[str, Any]:
+    target, donor = case_models(case, seed, workdir, base)
+    folder = workdir / "frontier" / f"{case}-seed{seed}"
+    probe, axes = probe_and_axes(case, tokenizer)
+    stats = None
+    needs_stats = any(f.startswith("data") or f in baselines.DATA_AWARE for f in families)
+    if needs_stats:
+        stats = calibration.statistics_files(case, {"target": target, "donor": donor}, workdir, base, tokenizer, log=log)
+    points: dict[str, list[tuple[str, dict]]] = {}
+    sweep: Sweep | None = None
+    ta_rows: dict[float, dict] = {}
+    for family, parameters, weights, data in SETTINGS:
+        if family not in families:
+            continue
+        params = dict(parameters)
+        if data:
+            params.update(target_statistics=str(stats["target"]), donor_statistics=str(stats["donor"]))
+        slug = hashlib.sha1(family.encode()).hexdigest()[:8]
+        recipe = write_recipe(folder / "recipes" / f"{slug}.yml", base, target, donor, params)
+        sweep = Sweep(recipe, folder, SweepSettings(weights=weights, bootstrap=0), probe_for=lambda _tok: probe,
+                      axes=axes, log=log, quiet=True)
+        started = time.perf_counter()
+        result = sweep.run(progress=False)
+        ta_rows.update({k[1]: r for k, r in result.rows.items() if k[0] == "task_arithmetic"})
+        inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
+        points[family] = [(f"w={w:g}", result.rows["recipe", w]) for w in weights]
+        log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s ({sweep.timing})")
+    if sweep is None:  # baselines only: a sweep of the recommended recipe provides the engine and the grid
+        family, parameters, weights, _ = SETTINGS[0]
+        recipe = write_recipe(folder / "recipes" / "engine.yml", base, target, donor, parameters)
+        sweep = Sweep(recipe, folder, SweepSettings(weights=weights, bootstrap=0), probe_for=lambda _tok: probe,
+                      axes=axes, log=log, quiet=True)
+        result = sweep.run(progress=False)
+        ta_rows.update({k[1]: r for k, r in result.rows.items() if k[0] == "task_arithmetic"})
+        inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
+    engine = Baselines(sweep, grams_for(stats) if stats else None)
+    for family in families:
+        if family in baselines.FAMILIES:
+            started = time.perf_counter()
+            points[family] = [(f"s={s:g}", engine.score(family, s)) for s in scales]
+            log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s")
+    # one curve for every family: T, the grid and every refined λ; then refine around each point
+    curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
+
+    def measure(lam: float) -> frontier.Point:
+        ta_rows[lam] = sweep.score("task_arithmetic", lam, f"task_arithmetic λ={lam:g}")
+        return sweep.point(ta_rows[lam], lam)
+
+    grid_max = max(SweepSettings().grid())
+    for family, rows in points.items():
+        for _, row in rows:
+            p = sweep.point(row, 0.0)
+            curve = frontier.refine(measure, curve, p.feature, p.knowledge, max_evaluations=8, max_lambda=grid_max).curve
+    lams = sorted({p.lam for p in curve.points[1:]})
+    target_items = sweep.items(inputs["T"])
+    sweep_items = [(lam, sweep.items(ta_rows[lam])) for lam in lams]
+    merges = {f"{family} {label}": sweep.items(row) for family, rows in points.items() for label, row in rows}
+    intervals = frontier.bootstrap_gaps(target_items, sweep_items, merges, resamples=bootstrap, seed=seed)
+    both = axes.both
+    both_curve = None
+    if both:
+        both_curve = frontier.Curve.of(frontier.Point(0.0, inputs["T"][f"{axes.feature}_nll"], inputs["T"][f"{both}_nll"]),
+                                       [frontier.Point(lam, ta_rows[lam][f"{axes.feature}_nll"], ta_rows[lam][f"{both}_nll"])
+                                        for lam in lams])
+    out_points = []
+    for family, rows in points.items():
+        for label, row in rows:
+            p = sweep.point(row, 0.0)
+            gap = frontier.gap(curve, p.feature, p.knowledge)
+            boot = intervals[f"{family} {label}"]
+            record = {"case": case, "seed": seed, "family": family, "point": label,
+                      "feature": p.feature, "knowledge": p.knowledge,
+                      "gap_closed": gap.value, "gap_exact": gap.exact, "gap_note": gap.reason,
+                      "gap_se": boot.se, "gap_ci_lo": boot.lo, "gap_ci_hi": boot.hi}
+            if both_curve is not None:
+                bg = frontier.gap(both_curve, p.feature, row[f"{both}_nll"])
+                record.update(both_nll=row[f"{both}_nll"], both_gap=bg.value, both_exact=bg.exact, both_note=bg.reason,
+                              both_best_ta=min(r[f"{both}_nll"] for r in ta_rows.values()))
+            out_points.append(record)
+    return {"case": case, "seed": seed, "axes": {"knowledge": axes.knowledge, "feature": axes.feature, "both": both},
+            "items": probe.sizes(), "stamps": sweep.models.stamps, "merge_key": codekey.merge_key(),
+            "baseline_code": BASELINE_CODE, "lambdas": lams,
+            "inputs": {k: {n: v for n, v in r.items() if n != "items" and n.endswith("_nll")} for k, r in inputs.items()},
+            "task_arithmetic": [{"lambda": lam, "feature": ta_rows[lam][f"{axes.feature}_nll"],
+                                 "knowledge": ta_rows[lam][f"{axes.knowledge}_nll"],
+                                 **({"both": ta_rows[lam][f"{both}_nll"]} if both else {})} for lam in lams],
+            "points": out_points}
+
+
+def best(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """A family's best point: the largest gap_closed (n/a points last)."""
+    return max(points, key=lambda r: (r["gap_closed"] is not None, r["gap_closed"] if r["gap_closed"] is not None else 0))
+
+
+def _gap(r: dict[str, Any]) -> str:
+    if r["gap_closed"] is None:
+        return r.get("gap_note") or "n/a"
+    ci = "" if r["gap_ci_lo"] is None else f" [{r['gap_ci_lo']:+.2f}, {r['gap_ci_hi']:+.2f}]"
+    return f"{'≥ ' if not r['gap_exact'] else ''}{r['gap_closed']:+.2f}{ci}"
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """frontier.md: per case, each family at its best point per seed, with its interval and the
+    verdict over the seeds (:func:`mergekit_sigmoid_diff.frontier.verdict`)."""
+    runs = document["runs"]
+    lines = ["# The frontier suite: in-memory points, refined λ grid, paired bootstrap", "",
+             f"Command: `{document.get('command', '')}`; merge code `{runs[0]['merge_key'] if runs else ''}`. "
+             "Every row below was computed by this code on these models (each run records the models' stamps "
+             "in `frontier.json`). `gap_closed` = share of task_arithmetic's knowledge loss avoided at the "
+             "point's own feature, against task_arithmetic's λ curve refined until a halving changes it by "
+             "< 0.02; [lo, hi] = 95 % paired bootstrap over the evaluation items (1000 resamples); ≥ = a lower "
+             "bound (the point's feature is beyond any λ); n/a = task_arithmetic loses < 0.01 nats there. "
+             "Each family is shown at its best point per seed. Verdict over seeds: beats = every seed's "
+             "interval above 0 and the mean beyond the combined noise.", ""]
+    for case in dict.fromkeys(r["case"] for r in runs):
+        case_runs = sorted((r for r in runs if r["case"] == case), key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in case_runs]
+        axes = case_runs[0]["axes"]
+        lines += [f"## {case}", "", f"Axes: knowledge = `{axes['knowledge']}_nll`, feature = `{axes['feature']}_nll`"
+                  + (f", both at once = `{axes['both']}_nll`" if axes["both"] else "") + f"; items {case_runs[0]['items']}.", ""]
+        head = "| family | " + " | ".join(f"seed {s}" for s in seeds) + " | verdict |" + (" both at once (seed 0: merge / TA's best λ) |" if axes["both"] else "")
+        lines += [head, "|---|" + "---|" * (len(seeds) + 1 + (1 if axes["both"] else 0))]
+        families = list(dict.fromkeys(p["family"] for r in case_runs for p in r["points"]))
+        for family in families:
+            per_seed, cells = [], []
+            for r in case_runs:
+                pts = [p for p in r["points"] if p["family"] == family]
+                if not pts:
+                    per_seed.append(None)
+                    cells.append("—")
+                    continue
+                b = best(pts)
+                per_seed.append(frontier.SeedGap(b["gap_closed"], b["gap_exact"], b["gap_se"], b["gap_ci_lo"], b["gap_ci_hi"]))
+                cells.append(f"{_gap(b)} ({b['point']})")
+            row = f"| {family} | " + " | ".join(cells) + f" | {frontier.verdict(per_seed) if len(seeds) > 1 else 'one seed'} |"
+            if axes["both"]:
+                first = [p for p in case_runs[0]["points"] if p["family"] == family]
+                if first:
+                    b = best(first)
+                    row += f" {b['both_nll']:.3f} / {b['both_best_ta']:.3f} |"
+                else:
+                    row += " — |"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--families", nargs="+", default=[s[0] for s in SETTINGS] + list(baselines.FAMILIES))
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "real")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--scales", type=float, nargs="+", default=list(BASELINE_SCALES), help="the baselines' donor scales")
+    parser.add_argument("--report-only", action="store_true", help="rewrite frontier.md from frontier.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    workdir = (args.workdir or smollm2.cache_root() / "real_suite").absolute()
+    began = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - began:7.1f} s] {message}", flush=True)
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    base = smollm2.converted_model()
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    results_path = args.out / "frontier.json"
+    document = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
+    if args.report_only:
+        (args.out / "frontier.md").write_text(markdown(document))
+        return
+    for case in args.cases:
+        for seed in args.seeds:
+            run = run_case(case, seed, args.families, workdir, base, tokenizer, log, args.bootstrap, tuple(args.scales))
+            document["runs"] = [r for r in document["runs"] if (r["case"], r["seed"]) != (case, seed)] + [run]
+            document["command"] = " ".join(["python", "scripts/benchmark_frontier.py", *(argv or sys.argv[1:])])
+            args.out.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+            (args.out / "frontier.md").write_text(markdown(document))
+            log(f"{case} seed {seed}: written")
+            for family in dict.fromkeys(p["family"] for p in run["points"]):
+                b = best([p for p in run["points"] if p["family"] == family])
+                g = "n/a" if b["gap_closed"] is None else f"{'≥' if not b['gap_exact'] else ''}{b['gap_closed']:+.3f}"
+                ci = "" if b["gap_ci_lo"] is None else f" [{b['gap_ci_lo']:+.2f}, {b['gap_ci_hi']:+.2f}]"
+                both = f"  both {b['both_nll']:.4f} (TA best {b['both_best_ta']:.4f})" if "both_nll" in b else ""
+                log(f"  {family:<36} {b['point']:<7} gap {g}{ci}{both}")
+
+
+if __name__ == "__main__":
+    main()
