@@ -229,7 +229,7 @@ def _report_task_type():
     from mergekit.graph import Task
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
-    from mergekit_sigmoid_diff.method import ROLE, split_roles
+    from mergekit_sigmoid_diff.plan import step_roles
 
     class TensorReportTask(Task[Optional[TensorReport]]):
         merge: ExecuteMergeMethodTask
@@ -246,13 +246,7 @@ def _report_task_type():
         def execute(self, tensors: dict) -> Optional[TensorReport]:
             merge = self.merge
             name = merge.output_weight.name
-            base = merge.base_model
-            models = [m for m in merge.model_order if m != base]
-            target, donors = split_roles(
-                models,
-                [merge.input_parameters[m][ROLE] for m in models],
-                [merge.input_parameters[m]["weight"] for m in models],
-            )
+            base, target, donors = step_roles(merge)
             needed = [base, target, *(m for m, _ in donors)]
             if any(m not in tensors for m in needed) or not tensors[base].is_floating_point():
                 return None  # an optional tensor absent from some model, or an integer buffer

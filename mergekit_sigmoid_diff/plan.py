@@ -200,3 +200,13 @@ def current_or(config: MergeConfiguration) -> Optional[TransferPlan]:
     plan = _CURRENT.get()
     return plan if plan is not None else transfer_plan(config)
 
+
+def step_roles(merge: Any) -> tuple[Any, Any, list[tuple[Any, float]]]:
+    """(base, target, [(donor, weight), ...]) of one planned merge step (mergekit's
+    ``ExecuteMergeMethodTask``), from its resolved per-model parameters: what ``inspect`` and
+    ``sweep`` read of a step, by the rule the method applies (:func:`.method.split_roles`)."""
+    base = merge.base_model
+    models = [m for m in merge.model_order if m != base]
+    parameters = [merge.input_parameters[m] for m in models]
+    target, donors = split_roles(models, [p[ROLE] for p in parameters], [p["weight"] for p in parameters])
+    return base, target, donors

@@ -119,7 +119,7 @@ def _prepare_task_type():
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
     from mergekit_sigmoid_diff import kernel, prepared
-    from mergekit_sigmoid_diff.method import ROLE, split_roles
+    from mergekit_sigmoid_diff.plan import step_roles
 
     class PrepareTask(Task[Optional[Entry]]):
         merge: ExecuteMergeMethodTask
@@ -137,9 +137,7 @@ def _prepare_task_type():
         def execute(self, tensors: dict) -> Optional[Entry]:
             merge = self.merge
             name = merge.output_weight.name
-            base = merge.base_model
-            models = [m for m in merge.model_order if m != base]
-            target, donors = split_roles(models, [merge.input_parameters[m][ROLE] for m in models])
+            base, target, donors = step_roles(merge)
             (donor, _), = donors
             if any(m not in tensors for m in (base, target, donor)):
                 raise SigmoidDiffError(f"sweep: tensor {name} is missing from one of the models (mergekit would pass it through)")
