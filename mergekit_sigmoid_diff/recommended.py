@@ -38,6 +38,10 @@ RECOMMENDED: dict[str, dict[str, Any]] = {
     ]},
     # domain knowledge onto an instruct model
     "domain-transfer": {**_PROJECTION, "weight": 1.25},
+    # with a few hundred lines of your data (two `calibrate` files named in the recipe):
+    # the data-aware solve, β 0.1 and α 0.01 by default (datasolve.DataSettings)
+    "chat-vector-data": {"protect_subspace": "data", "weight": 1.5},
+    "domain-transfer-data": {"protect_subspace": "data", "weight": 1.5},
     # no real-weight case: task_arithmetic at λ = 0.5 plus the donor's RoPE settings
     "context-extension": {"gate": False, "weight": 0.5},
 }

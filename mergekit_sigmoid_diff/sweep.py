@@ -305,6 +305,10 @@ class Sweep:
             self.timing["load"] += time.perf_counter() - start
         return self._transfer
 
+    def release(self) -> None:
+        """Drop the loaded models (a later point loads them again)."""
+        self._transfer = None
+
     def _load(self) -> sweepload.Transfer:
         weights = {w: self._planned.get(w) for w in self.settings.weights}
         return sweepload.load(self.config, self.options, self.planned, weights, self.out_config, self.tokenizer,
@@ -477,7 +481,7 @@ class Result:
         return out
 
     def table(self) -> str:
-        s, axes = self.sweep, self.sweep.axes
+        axes = self.sweep.axes
         heads = ["point", "λ_eff", f"{axes.knowledge} NLL ↓", f"{axes.feature} NLL ↓"]
         if axes.both:
             heads.append(f"{axes.both} NLL ↓")

@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -49,13 +50,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [*real.CASES, alllayers.CASE]
 UNGATED = [{"filter": "embed_tokens", "value": False}, {"filter": "lm_head", "value": False},
            {"filter": "norm", "value": False}, {"value": True}]
-# (family, recipe parameters, donor weights, needs statistics)
-SETTINGS: list[tuple[str, dict[str, Any], tuple[float, ...], bool]] = [
+# the statistics a data family reads: (sequences per file, the model that reads the donor's data)
+Statistics = tuple[int, str]
+OWN = (128, "donor")  # T on its training text, I on its training chats: 128 sequences each
+# (family, recipe parameters, donor weights, statistics or None)
+SETTINGS: list[tuple[str, dict[str, Any], tuple[float, ...], Statistics | None]] = [
     ("protect input e=0.5 (recommended)", {"gate": UNGATED, "protect_subspace": "input", "protect_energy": 0.5},
-     (0.75, 1.0, 1.25, 1.5), False),
-    ("published default", {}, (1.0, 1.25), False),
-    ("data β=0.1 α=0.01", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), True),
-    ("data β=1 α=0.01", {"protect_subspace": "data", "data_beta": 1.0}, (1.0, 1.5, 2.0), True),
+     (0.75, 1.0, 1.25, 1.5), None),
+    ("protect both e=0.5", {"gate": UNGATED, "protect_subspace": "both", "protect_energy": 0.5},
+     (0.75, 1.0, 1.25, 1.5), None),
+    ("published default", {}, (1.0, 1.25), None),
+    ("data β=0.1 α=0.01", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), OWN),
+    ("data β=1 α=0.01", {"protect_subspace": "data", "data_beta": 1.0}, (1.0, 1.5, 2.0), OWN),
+]
+# issue 26's grid around the data default (asked for by name: --families ... "data hard")
+GRID: list[tuple[str, dict[str, Any], tuple[float, ...], Statistics | None]] = [
+    ("data β=0.1 α=0.1", {"protect_subspace": "data", "data_alpha": 0.1}, (1.0, 1.5, 2.0), OWN),
+    ("data hard", {"protect_subspace": "data", "data_hard": True}, (1.0, 1.5, 2.0), OWN),
+    ("data X_I from T", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), (128, "target")),
+    ("data 32 sequences", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), (32, "donor")),
+    ("data 512 sequences", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), (512, "donor")),
 ]
 BASELINE_SCALES = (0.75, 1.0, 1.25)
 EXCLUDE = ("embed_tokens", "lm_head")  # vocabulary tensors take T + s·D in every baseline (as our recipes)
@@ -108,6 +122,15 @@ def _load(folder: Path) -> dict[str, torch.Tensor]:
 
 
 BASELINE_CODE = hashlib.sha256(inspect.getsource(baselines).encode()).hexdigest()[:16]
+SWEEP_CODE = codekey.code_key(*codekey.package_sources("sweepload"))  # how the sweep reaches the merge (part of its keys)
+
+
+def fresh(runs: list[dict[str, Any]], merge_key: str, sweep_code: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(runs made by today's merge code, stale runs): a stale run is reported as such and rerun,
+    never mixed into the tables. A run without a ``sweep_code`` is judged by its merge key."""
+    ok = [r for r in runs if r.get("merge_key") == merge_key
+          and (sweep_code is None or r.get("sweep_code") in (None, sweep_code))]
+    return ok, [r for r in runs if r not in ok]
 
 
 class Baselines:
@@ -165,18 +188,24 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
     target, donor = case_models(case, seed, workdir, base)
     folder = workdir / "frontier" / f"{case}-seed{seed}"
     probe, axes = probe_and_axes(case, tokenizer)
-    stats = None
-    needs_stats = any(f.startswith("data") or f in baselines.DATA_AWARE for f in families)
-    if needs_stats:
-        stats = calibration.statistics_files(case, {"target": target, "donor": donor}, workdir, base, tokenizer, log=log)
+    files: dict[Statistics, dict[str, Path]] = {}
+
+    def statistics_for(which: Statistics) -> dict[str, Path]:
+        if which not in files:
+            sequences, reader = which
+            models = {"target": target, "donor": donor if reader == "donor" else target}
+            files[which] = calibration.statistics_files(case, models, workdir, base, tokenizer, sequences=sequences, log=log)
+        return files[which]
+
     points: dict[str, list[tuple[str, dict]]] = {}
     sweep: Sweep | None = None
     ta_rows: dict[float, dict] = {}
-    for family, parameters, weights, data in SETTINGS:
+    for family, parameters, weights, data in SETTINGS + GRID:
         if family not in families:
             continue
         params = dict(parameters)
         if data:
+            stats = statistics_for(data)
             params.update(target_statistics=str(stats["target"]), donor_statistics=str(stats["donor"]))
         slug = hashlib.sha1(family.encode()).hexdigest()[:8]
         recipe = write_recipe(folder / "recipes" / f"{slug}.yml", base, target, donor, params)
@@ -196,7 +225,8 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
         result = sweep.run(progress=False)
         ta_rows.update({k[1]: r for k, r in result.rows.items() if k[0] == "task_arithmetic"})
         inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
-    engine = Baselines(sweep, grams_for(stats) if stats else None)
+    needs_grams = any(f in baselines.DATA_AWARE for f in families)
+    engine = Baselines(sweep, grams_for(statistics_for(OWN)) if needs_grams else None)
     for family in families:
         if family in baselines.FAMILIES:
             started = time.perf_counter()
@@ -242,7 +272,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             out_points.append(record)
     return {"case": case, "seed": seed, "axes": {"knowledge": axes.knowledge, "feature": axes.feature, "both": both},
             "items": probe.sizes(), "stamps": sweep.models.stamps, "merge_key": codekey.merge_key(),
-            "baseline_code": BASELINE_CODE, "lambdas": lams,
+            "sweep_code": SWEEP_CODE, "baseline_code": BASELINE_CODE, "lambdas": lams,
             "inputs": {k: {n: v for n, v in r.items() if n != "items" and n.endswith("_nll")} for k, r in inputs.items()},
             "task_arithmetic": [{"lambda": lam, "feature": ta_rows[lam][f"{axes.feature}_nll"],
                                  "knowledge": ta_rows[lam][f"{axes.knowledge}_nll"],
@@ -262,13 +292,24 @@ def _gap(r: dict[str, Any]) -> str:
     return f"{'≥ ' if not r['gap_exact'] else ''}{r['gap_closed']:+.2f}{ci}"
 
 
-def markdown(document: dict[str, Any]) -> str:
+def markdown(document: dict[str, Any], merge_key: str | None = None) -> str:
     """frontier.md: per case, each family at its best point per seed, with its interval and the
-    verdict over the seeds (:func:`mergekit_sigmoid_diff.frontier.verdict`)."""
-    runs = document["runs"]
+    verdict over the seeds (:func:`mergekit_sigmoid_diff.frontier.verdict`). Only runs of
+    ``merge_key`` (default: the first run's) are shown; stale runs are named, not used."""
+    all_runs = document["runs"]
+    key = merge_key or (all_runs[0]["merge_key"] if all_runs else "")
+    runs, stale = fresh(all_runs, key)
+    commands = list(dict.fromkeys(r.get("command") or document.get("command", "") for r in runs))
+    seconds = [r["seconds"] for r in runs if r.get("seconds") is not None]
+    stale_names = ", ".join(f"{r['case']} seed {r['seed']}" for r in stale)
+    codes = sorted({r["sweep_code"] for r in runs if r.get("sweep_code")})
+    cost = (f" Wall time of the runs that record it: {sum(seconds) / 60:.0f} min over {len(seconds)} case-seeds "
+            f"(1 thread each, two at a time on 2 cores)." if seconds else "")
     lines = ["# The frontier suite: in-memory points, refined λ grid, paired bootstrap", "",
-             f"Command: `{document.get('command', '')}`; merge code `{runs[0]['merge_key'] if runs else ''}`. "
-             "Every row below was computed by this code on these models (each run records the models' stamps "
+             "Commands: " + "; ".join(f"`{c}`" for c in commands) + f". Merge code `{key}`"
+             + (f", sweep code `{'`, `'.join(codes)}`" if codes else "") + "." + cost + " "
+             + (f"**Stale runs left out** (another merge code; rerun them): {stale_names}. " if stale else "")
+             + "Every row below was computed by this code on these models (each run records the models' stamps "
              "in `frontier.json`). `gap_closed` = share of task_arithmetic's knowledge loss avoided at the "
              "point's own feature, against task_arithmetic's λ curve refined until a halving changes it by "
              "< 0.02; [lo, hi] = 95 % paired bootstrap over the evaluation items (1000 resamples); ≥ = a lower "
@@ -312,7 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--families", nargs="+", default=[s[0] for s in SETTINGS] + list(baselines.FAMILIES))
+    parser.add_argument("--families", nargs="+", default=[s[0] for s in SETTINGS] + list(baselines.FAMILIES),
+                        choices=[s[0] for s in SETTINGS + GRID] + list(baselines.FAMILIES),
+                        help="default: every setting and baseline; the data grid's families by name")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "real")
     parser.add_argument("--threads", type=int, default=2)
@@ -337,16 +380,19 @@ def main(argv: list[str] | None = None) -> None:
     results_path = args.out / "frontier.json"
     document = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
     if args.report_only:
-        (args.out / "frontier.md").write_text(markdown(document))
+        (args.out / "frontier.md").write_text(markdown(document, codekey.merge_key()))
         return
     for case in args.cases:
         for seed in args.seeds:
+            started = time.perf_counter()
             run = run_case(case, seed, args.families, workdir, base, tokenizer, log, args.bootstrap, tuple(args.scales))
+            run["seconds"] = round(time.perf_counter() - started, 1)
+            run["command"] = shlex.join(["python", "scripts/benchmark_frontier.py", *(argv or sys.argv[1:])])
             document["runs"] = [r for r in document["runs"] if (r["case"], r["seed"]) != (case, seed)] + [run]
-            document["command"] = " ".join(["python", "scripts/benchmark_frontier.py", *(argv or sys.argv[1:])])
+            document["command"] = run["command"]
             args.out.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
-            (args.out / "frontier.md").write_text(markdown(document))
+            (args.out / "frontier.md").write_text(markdown(document, codekey.merge_key()))
             log(f"{case} seed {seed}: written")
             for family in dict.fromkeys(p["family"] for p in run["points"]):
                 b = best([p for p in run["points"] if p["family"] == family])

@@ -40,3 +40,17 @@ def test_one_seed_gets_no_verdict_and_both_column_shows_the_reference():
     text = bf.markdown(doc)
     line = next(line for line in text.splitlines() if line.startswith("| ours"))
     assert "n/a: nothing to close (w=1)" in line and "one seed" in line and "1.500 / 1.250" in line
+
+
+def test_stale_runs_are_named_and_left_out_of_the_tables():
+    old = run(1, [point("ours", "w=1", 0.99, lo=0.9, hi=1.0, se=0.01)])
+    old["merge_key"] = "old"
+    new = run(0, [point("ours", "w=1", 0.4, lo=0.3, hi=0.5, se=0.05)])
+    new.update(command="python scripts/benchmark_frontier.py --seeds 0", seconds=600.0, sweep_code="s1")
+    text = bf.markdown({"runs": [new, old]}, "abc")
+    assert "Stale runs left out** (another merge code; rerun them): c seed 1." in text
+    assert "+0.99" not in text and "+0.40 [+0.30, +0.50] (w=1)" in text and "seed 1" not in text.split("## c")[1]
+    assert "`python scripts/benchmark_frontier.py --seeds 0`" in text and "Merge code `abc`, sweep code `s1`" in text
+    assert "10 min over 1 case-seeds" in text
+    ok, stale = bf.fresh([new, old], "abc", "s2")  # another sweep code is stale too
+    assert ok == [] and stale == [new, old]

@@ -286,7 +286,8 @@ BAD = {
     ),
     "counts of the wrong length": (
         dict(target_statistics="short_counts"),
-        r"^statistics file \S+/short_counts\.safetensors counts 50 tokens, but tensor model\.embed_tokens\.weight has shape \[64, 32\]",
+        r"^statistics file \S+/short_counts\.safetensors counts 50 tokens, but tensor model\.embed_tokens\.weight of the "
+        r"target has 64 rows: protect_subspace: data needs base, target and donor to share one vocabulary",
     ),
     "a 2-D weight missing from both files": (
         dict(target_statistics="no_down", donor_statistics="no_down_donor"),

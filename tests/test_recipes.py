@@ -79,7 +79,37 @@ TWINS: dict[str, dict[str, str]] = {
         "beomi/Llama-3-Open-Ko-8B": "target",
         "meta-llama/Meta-Llama-3-8B-Instruct": "inst_donor",
     },
+    # the data variants: their statistics files are calibrated on the twin's models (STATISTICS)
+    "chat-vector-data.yml": {  # Llama-3's instruct model adds no tokens: a donor of the base's vocabulary
+        "meta-llama/Meta-Llama-3-8B": "base",
+        "beomi/Llama-3-Open-Ko-8B": "target",
+        "meta-llama/Meta-Llama-3-8B-Instruct": "inst_donor",
+        "stats/target-korean.safetensors": "stats/target-korean.safetensors",
+        "stats/donor-chats.safetensors": "stats/donor-chats.safetensors",
+    },
+    "domain-transfer-data.yml": {
+        "Qwen/Qwen2.5-1.5B": "tied_base",
+        "Qwen/Qwen2.5-1.5B-Instruct": "tied_target",
+        "Qwen/Qwen2.5-Coder-1.5B": "tied_donor",
+        "stats/target-chats.safetensors": "stats/target-chats.safetensors",
+        "stats/donor-code.safetensors": "stats/donor-code.safetensors",
+    },
 }
+# a data recipe's statistics file -> (the family member it describes, its text: what the
+# recipe's header says to calibrate on, the member whose tokenizer reads it)
+STATISTICS: dict[str, tuple[str, str, str]] = {
+    "stats/target-korean.safetensors": ("target", "texts", "target"),
+    "stats/donor-chats.safetensors": ("inst_donor", "chats", "inst_donor"),
+    "stats/chatml-donor-chats.safetensors": ("chat_donor", "chats", "chat_donor"),  # adds 2 tokens: refused
+    "stats/target-chats.safetensors": ("tied_target", "chats", "target"),  # the tied triple has no tokenizer files
+    "stats/donor-code.safetensors": ("tied_donor", "texts", "base"),
+}
+STAT_TEXT = ("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i))\n" * 3)
+STAT_CHATS = [
+    [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, how can i help?"}],
+    [{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four."}],
+    [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "blue, like the sea."}],
+]
 
 
 def recipe_documents(path: Path) -> list[dict[str, Any]]:
@@ -134,7 +164,7 @@ def _swap(value: Any, ids: dict[str, str]) -> Any:
 
 
 def twin_documents(name: str, family: dict[str, Path]) -> list[dict[str, Any]]:
-    ids = {public: str(family[member]) for public, member in TWINS[name].items()}
+    ids = {public: str(family[member]) for public, member in TWINS[name].items()}  # family: models and statistics
     docs = [_swap(doc, ids) for doc in recipe_documents(RECIPES / name)]
     for doc in docs:
         doc["dtype"] = "float32"
@@ -143,7 +173,20 @@ def twin_documents(name: str, family: dict[str, Path]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
-    return build_transfer_family(tmp_path_factory.mktemp("family"))
+    """The tiny models, and the data recipes' statistics files calibrated on them."""
+    from mergekit_sigmoid_diff.calibrate import CalibrationSettings, calibrate
+
+    paths = build_transfer_family(tmp_path_factory.mktemp("family"))
+    folder = tmp_path_factory.mktemp("statistics")
+    (folder / "text.txt").write_text(STAT_TEXT)
+    (folder / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in STAT_CHATS))
+    settings = CalibrationSettings(seq_len=16, max_sequences=8, max_size_share=100.0)  # full Grams (the oracle reads them)
+    for name, (member, kind, tokenizer) in STATISTICS.items():
+        out = folder / Path(name).name
+        text = {"texts": folder / "text.txt", "chats": folder / "chats.jsonl"}[kind]
+        calibrate(str(paths[member]), out, progress=False, settings=settings, tokenizer=str(paths[tokenizer]), **{kind: text})
+        paths[name] = out
+    return paths
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +251,8 @@ def shared_settings(doc: dict[str, Any]) -> dict[str, Any]:
 # must carry its job's (the chat donor's weight and the shared parameters), and the twins'
 # expected values resolve them per tensor as mergekit does: gradients over the 2 layers, filters.
 JOB_OF = {"chat-vector.yml": "chat-vector", "domain-transfer.yml": "domain-transfer", "layer-aware.yml": "layer-aware",
-          "context-extension.yml": "context-extension", "multi-donor.yml": "chat-vector", "chained.yml": "chat-vector"}
+          "context-extension.yml": "context-extension", "multi-donor.yml": "chat-vector", "chained.yml": "chat-vector",
+          "chat-vector-data.yml": "chat-vector-data", "domain-transfer-data.yml": "domain-transfer-data"}
 RECOMMENDED, CHAT_WEIGHT = recommended.split(recommended.RECOMMENDED["chat-vector"])
 CONTEXT, CONTEXT_WEIGHT = recommended.split(recommended.RECOMMENDED["context-extension"])
 DOMAIN, DOMAIN_WEIGHT = recommended.split(recommended.RECOMMENDED["domain-transfer"])
@@ -319,6 +363,89 @@ def test_chat_vector_carries_the_donors_chat_template_eos_and_tokens(twin, famil
         else:
             want = expected(B, T, [I], [CHAT_WEIGHT], name)
         torch.testing.assert_close(got[name], want, **close(RECOMMENDED))
+
+
+# the data variants: the closed form on every linear weight, from the statistics the header names
+
+
+DATA_BETA, DATA_ALPHA = 0.1, 0.01  # the documented defaults (datasolve.DataSettings), which the recipes keep
+
+
+def data_expected(name: str, B: dict, T: dict, I: dict, weight: float, target_file: Path, donor_file: Path) -> torch.Tensor:
+    """float64: T + Δ with Δ = wD (β G_I + α 1)(G_T + β G_I + α 1)⁻¹ (an LU solve of the
+    objective's first form) on linear weights; token rows scaled by (β g_I + α)/(g_T + β g_I + α)
+    on the embedding; the plain diff elsewhere (norms)."""
+    from mergekit_sigmoid_diff.statistics import StatisticsFile
+
+    diff = weight * (I[name].double() - B[name].double())
+    t_file, i_file = StatisticsFile(target_file), StatisticsFile(donor_file)
+    if name == EMBED:
+        g_t = t_file.for_weight(name).counts.double() / t_file.count
+        g_i = i_file.for_weight(name).counts.double() / i_file.count
+        alpha = DATA_ALPHA * g_t.mean()
+        return T[name].double() + diff * ((DATA_BETA * g_i + alpha) / (g_t + DATA_BETA * g_i + alpha))[:, None]
+    if diff.dim() != 2:
+        return T[name].double() + diff
+    g_t, g_i = t_file.for_weight(name).gram.double(), i_file.for_weight(name).gram.double()
+    eye = torch.eye(g_t.shape[0], dtype=torch.float64)
+    keep = DATA_BETA * g_i + DATA_ALPHA * torch.trace(g_t) / g_t.shape[0] * eye
+    return T[name].double() + torch.linalg.solve(g_t + keep, keep @ diff.T).T
+
+
+def test_data_recipes_keep_the_documented_defaults() -> None:
+    from mergekit_sigmoid_diff.datasolve import DataSettings
+
+    assert (DataSettings().beta, DataSettings().alpha, DataSettings().hard) == (DATA_BETA, DATA_ALPHA, False)
+    for name in ("chat-vector-data.yml", "domain-transfer-data.yml"):
+        parameters = recipe_documents(RECIPES / name)[0]["parameters"]
+        assert not {"data_beta", "data_alpha", "data_hard"} & set(parameters), name
+        assert parameters["target_statistics"].startswith("stats/target-") and parameters["donor_statistics"].startswith("stats/donor-")
+
+
+def test_chat_vector_data_solves_every_linear_weight_and_carries_the_chat(twin, family) -> None:
+    out = twin("chat-vector-data.yml")
+    _, tokenizer = loads_and_generates(out)
+    assert tokenizer.chat_template == INST_TEMPLATE
+    B, T, I, got = (tensors(p) for p in (family["base"], family["target"], family["inst_donor"], out))
+    _, weight = recommended.split(recommended.RECOMMENDED["chat-vector-data"])
+    files = family["stats/target-korean.safetensors"], family["stats/donor-chats.safetensors"]
+    solved = 0
+    for name in T:
+        want = data_expected(name, B, T, I, weight, *files)
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=2e-6, msg=name)
+        if T[name].dim() == 2:
+            plain = T[name].double() + weight * (I[name].double() - B[name].double())
+            solved += bool((want - plain).abs().max() > 1e-4)  # the statistics did change it
+    assert solved >= 10
+
+
+def test_data_recipe_with_a_donor_that_adds_tokens_is_refused_before_the_merge(family, tmp_path) -> None:
+    """A ChatML donor with 2 added tokens under the union tokenizer: one line naming the file and
+    the tensor, nothing written."""
+    docs = twin_documents("chat-vector-data.yml", family)
+    doc = _swap(docs[0], {str(family["inst_donor"]): str(family["chat_donor"]),
+                          str(family["stats/donor-chats.safetensors"]): str(family["stats/chatml-donor-chats.safetensors"])})
+    result = run_mergekit_yaml(doc, tmp_path / "out")
+    assert result.returncode != 0
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "chatml-donor-chats.safetensors counts 51 tokens" in error[0], result.stderr[-2000:]
+    assert "model.embed_tokens.weight" in error[0] and "share one vocabulary" in error[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_domain_transfer_data_solves_and_scales_the_tied_embedding_once(twin, family) -> None:
+    out = twin("domain-transfer-data.yml")
+    B, T, I, got = (tensors(p) for p in (family["tied_base"], family["tied_target"], family["tied_donor"], out))
+    assert LM_HEAD not in got and config_json(out)["tie_word_embeddings"] is True
+    _, weight = recommended.split(recommended.RECOMMENDED["domain-transfer-data"])
+    files = family["stats/target-chats.safetensors"], family["stats/donor-code.safetensors"]
+    for name in T:
+        torch.testing.assert_close(got[name].double(), data_expected(name, B, T, I, weight, *files), rtol=1e-5, atol=2e-6,
+                                   msg=name)
+    plain = T[EMBED].double() + weight * (I[EMBED].double() - B[EMBED].double())
+    assert (got[EMBED].double() - plain).abs().max() > 1e-4  # token counts scaled the rows
+    model, _ = loads_and_generates(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 # domain transfer: tied embeddings get the diff once

