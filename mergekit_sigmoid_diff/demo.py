@@ -132,6 +132,36 @@ def data_statistics(base: Path, adapters: Path, lora_cache: Path, workdir: Path,
     return files[0], files[1]
 
 
+def run_data(args: argparse.Namespace, base: Path, adapters: Path, lora_cache: Path, workdir: Path, target_ref: str,
+             donor_ref: str, settings: sweeping.SweepSettings, options: Any, heldout: dict, items: dict,
+             clock: mainjob.Clock) -> dict[str, Any]:
+    """The data-aware setting beside the recommended one: its statistics, its sweep at
+    :data:`DATA_WEIGHT` against the same (cached) task_arithmetic points, its headline."""
+    from mergekit_sigmoid_diff.plugin import lora_notices_silenced
+
+    sequences = QUICK_DATA_SEQUENCES if args.quick else DATA_SEQUENCES
+    t_file, i_file = data_statistics(base, adapters, lora_cache, workdir, sequences, clock)
+    recipe = recommended_recipe(base, target_ref, donor_ref,
+                                {**DATA_SETTING, "target_statistics": str(t_file), "donor_statistics": str(i_file)})
+    path = workdir / "recommended-data.yml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with lora_notices_silenced():
+        sweep = clock.run("sweep", lambda: sweeping.Sweep(
+            path, workdir / ("sweep-quick" if args.quick else "sweep"), replace(settings, weights=(DATA_WEIGHT,)),
+            options=options, probe_for=lambda tokenizer: scoring.heldout_probe(tokenizer, heldout, **items), axes=AXES),
+            "the data-aware recipe's checks")
+        result = clock.run("sweep", sweep.run, f"sweep: {DATA_NAME} at weight {DATA_WEIGHT:g}, in memory")
+    for phase, seconds in sweep.timing.items():
+        clock.seconds[f"sweep {phase}"] += seconds
+    sweep.release()
+    gap, sentence = headline(result, DATA_WEIGHT, DATA_NAME)
+    boot = result.intervals.get(DATA_WEIGHT)
+    return {"setting": DATA_SETTING, "sequences": sequences, "target_statistics": str(t_file),
+            "donor_statistics": str(i_file), "gap_closed": gap, "gap_exact": result.gaps[DATA_WEIGHT].exact,
+            "gap_ci_lo": boot.lo if boot else None, "gap_ci_hi": boot.hi if boot else None,
+            "headline": sentence, "rows": result.table_rows()}
+
+
 def check_packages() -> None:
     """The GGUF reader and the model package, unless the conversion is already cached."""
     if (smollm2.cache_root() / smollm2.MODEL_DIR_NAME / smollm2.COMPLETE_MARKER).is_file():
@@ -235,37 +265,23 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
         verdict += f"; DIFFERENT from tensor {check['first_difference']}"
 
     sweep.release()  # the data-aware sweep below loads its own copy
-
-    t_file, i_file = data_statistics(base, adapters, lora_cache, workdir,
-                                     QUICK_DATA_SEQUENCES if args.quick else DATA_SEQUENCES, clock)
-    data_recipe = recommended_recipe(base, target_ref, donor_ref,
-                                     {**DATA_SETTING, "target_statistics": str(t_file), "donor_statistics": str(i_file)})
-    data_path = workdir / "recommended-data.yml"
-    data_path.write_text(yaml.safe_dump(data_recipe, sort_keys=False))
-    data_settings = replace(settings, weights=(DATA_WEIGHT,))
-    with lora_notices_silenced():
-        data_sweep = clock.run("sweep", lambda: sweeping.Sweep(
-            data_path, workdir / ("sweep-quick" if args.quick else "sweep"), data_settings, options=options,
-            probe_for=lambda tokenizer: scoring.heldout_probe(tokenizer, heldout, **items), axes=AXES),
-            "the data-aware recipe's checks")
-        data_result = clock.run("sweep", data_sweep.run, f"sweep: {DATA_NAME} at weight {DATA_WEIGHT:g}, in memory")
-    for phase, seconds in data_sweep.timing.items():
-        clock.seconds[f"sweep {phase}"] += seconds
-    data_sweep.release()
+    data = None if args.no_data else run_data(args, base, adapters, lora_cache, workdir, target_ref, donor_ref, settings,
+                                              options, heldout, items, clock)
 
     print("\n" + inputs_table(result))
     print("\n" + result.table(), flush=True)
     gap, sentence = headline(result)
-    data_gap, data_sentence = headline(data_result, DATA_WEIGHT, DATA_NAME)
-    data_boot = data_result.intervals.get(DATA_WEIGHT)
-    data_row = data_result.rows["recipe", DATA_WEIGHT]
-    print(f"\nwith data ({DATA_NAME}: protect_subspace: data, weight {DATA_WEIGHT:g}; statistics of T on its training "
-          f"plays and of I on its training chats): Shakespeare NLL {data_row['shakespeare_nll']:.4f}, "
-          f"P(ANSWER:) {data_row['feature_prob']:.3f}")
+    if data is not None:
+        row = next(r for r in data["rows"] if r["kind"] == "recipe")
+        print(f"\nwith data ({DATA_NAME}: protect_subspace: data, weight {DATA_WEIGHT:g}; statistics of T on its training "
+              f"plays and of I on its training chats): Shakespeare NLL {row['shakespeare_nll']:.4f}, "
+              f"P(ANSWER:) {row['feature_prob']:.3f}")
     print("\n" + verdict)
     print(result.rule.replace("rule:", "the sweep's choice:") + f" → weight {result.chosen:g}")
     print("\n" + sentence)
-    print(data_sentence.replace("headline:", "with data:"), flush=True)
+    if data is not None:
+        print(data["headline"].replace("headline:", "with data:"))
+    print(flush=True)
     boot = result.intervals.get(RECOMMENDED_WEIGHT)
     results = {
         "job": "python -m mergekit_sigmoid_diff demo" + (" --quick" if args.quick else ""),
@@ -285,11 +301,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
         "lambdas": sorted(p.lam for p in result.curve.points[1:]),
         "rows": result.table_rows(),
         "recipe": recipe,
-        "data": {"setting": DATA_SETTING, "sequences": QUICK_DATA_SEQUENCES if args.quick else DATA_SEQUENCES,
-                 "target_statistics": str(t_file), "donor_statistics": str(i_file),
-                 "gap_closed": data_gap, "gap_exact": data_result.gaps[DATA_WEIGHT].exact,
-                 "gap_ci_lo": data_boot.lo if data_boot else None, "gap_ci_hi": data_boot.hi if data_boot else None,
-                 "headline": data_sentence, "rows": data_result.table_rows()},
+        "data": data,
         "seconds": {**{k: round(v, 1) for k, v in clock.seconds.items()}, "total": round(clock.total(), 1)},
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
@@ -392,6 +404,8 @@ def main(argv: Sequence[str] = ()) -> None:
                         help="work folder (default: <cache>/main-job; --tiny: ./demo-out)")
     parser.add_argument("--quick", action="store_true", help="fewer held-out items, 3 λ and the recommended weight only (the tests)")
     parser.add_argument("--tiny", action="store_true", help="the plumbing check on tiny random models instead")
+    parser.add_argument("--no-data", action="store_true",
+                        help="skip the data-aware setting (its two calibrate runs and its sweep)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--adapters", type=Path, default=mainjob.ADAPTERS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help="--tiny: the random models' seed")

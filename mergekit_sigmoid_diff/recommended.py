@@ -23,7 +23,10 @@ VOCAB_AND_NORMS_UNGATED: list[dict[str, Any]] = [
     {"value": True},
 ]
 
-_PROJECTION = {"gate": VOCAB_AND_NORMS_UNGATED, "protect_subspace": "input", "protect_energy": 0.5}
+# The donor's diff off the target drift's top singular directions (half of its energy) on both
+# sides, (1 − U Uᵀ) D (1 − V Vᵀ): level with the input side alone on the LoRA chat pair and ahead
+# of it on all-layer drifts and full fine-tunes (docs/real/frontier.md)
+_PROJECTION = {"gate": VOCAB_AND_NORMS_UNGATED, "protect_subspace": "both", "protect_energy": 0.5}
 
 RECOMMENDED: dict[str, dict[str, Any]] = {
     # chat / instruction following onto a continued-pretraining or fine-tuned target

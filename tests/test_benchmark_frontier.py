@@ -54,3 +54,20 @@ def test_stale_runs_are_named_and_left_out_of_the_tables():
     assert "10 min over 1 case-seeds" in text
     ok, stale = bf.fresh([new, old], "abc", "s2")  # another sweep code is stale too
     assert ok == [] and stale == [new, old]
+
+
+def test_glance_gives_each_seed_and_the_verdict_per_case():
+    doc = {"runs": [run(0, [point("ours", "w=1", 0.9, lo=0.8, hi=0.95, se=0.03), point("base", "s=1", None)]),
+                    run(1, [point("ours", "w=1", 0.8, exact=False, lo=0.7, hi=0.9, se=0.03)])]}
+    text = bf.glance(doc, "abc")
+    assert "| ours | +0.90 / ≥+0.80 (beats ≥) |" in text and "| base | n/a (one seed) |" in text, text
+
+
+def test_a_value_without_its_interval_is_no_evidence():
+    """task_arithmetic's loss under the floor in many resamples: the value is shown, flagged, and
+    the verdict is n/a, not beats."""
+    doc = {"runs": [run(0, [point("ours", "w=1", 1.01)]), run(1, [point("ours", "w=1", 0.98)])]}
+    text = bf.markdown(doc, "abc")
+    line = next(line for line in text.splitlines() if line.startswith("| ours"))
+    assert "+1.01 [no interval: TA's loss near the floor] (w=1)" in line and line.endswith("| n/a |")
+    assert "| ours | +1.01 (no interval) / +0.98 (no interval) (n/a) |" in bf.glance(doc, "abc")

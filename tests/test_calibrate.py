@@ -157,13 +157,18 @@ def test_text_windows_are_spread_evenly_and_disjoint():
     assert text_windows([5, 6], settings) == [[5, 6]]  # a stream shorter than one window
 
 
-def test_text_grams_equal_the_oracle_on_the_windows(models, tmp_path):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_text_grams_equal_the_oracle_on_the_windows(models, tmp_path, device):
+    """On the CPU, and on CUDA where torch sees one (--device cuda): the same oracle."""
     model = models["tied"]
     text = tmp_path / "play.txt"
     text.write_text(TEXT)
     out = tmp_path / "text.safetensors"
     calibrate(str(model["folder"]), out, texts=text, progress=False,
-              settings=CalibrationSettings(max_size_share=FULL, seq_len=32, max_sequences=4, batch=3))
+              settings=CalibrationSettings(max_size_share=FULL, seq_len=32, max_sequences=4, batch=3, device=device))
     ids = hand_ids(TEXT)
     last = len(ids) - 32
     starts = [0, round(last / 3), round(2 * last / 3), last]
