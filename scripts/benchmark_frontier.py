@@ -55,9 +55,9 @@ Statistics = tuple[int, str]
 OWN = (128, "donor")  # T on its training text, I on its training chats: 128 sequences each
 # (family, recipe parameters, donor weights, statistics or None)
 SETTINGS: list[tuple[str, dict[str, Any], tuple[float, ...], Statistics | None]] = [
-    ("protect input e=0.5 (recommended)", {"gate": UNGATED, "protect_subspace": "input", "protect_energy": 0.5},
+    ("protect both e=0.5 (recommended)", {"gate": UNGATED, "protect_subspace": "both", "protect_energy": 0.5},
      (0.75, 1.0, 1.25, 1.5), None),
-    ("protect both e=0.5", {"gate": UNGATED, "protect_subspace": "both", "protect_energy": 0.5},
+    ("protect input e=0.5", {"gate": UNGATED, "protect_subspace": "input", "protect_energy": 0.5},
      (0.75, 1.0, 1.25, 1.5), None),
     ("published default", {}, (1.0, 1.25), None),
     ("data β=0.1 α=0.01", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), OWN),

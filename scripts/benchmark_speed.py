@@ -57,15 +57,17 @@ def recipe_variants() -> dict[str, dict]:
     for path in sorted(RECIPES.glob("*.yml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("merge_method") == "sigmoid_diff":
+                if (doc.get("parameters") or {}).get("protect_subspace") == "data":
+                    continue  # needs statistics of these very models: scripts/benchmark_data_cost.py times it
                 key = json.dumps(doc.get("parameters") or {}, sort_keys=True)
                 if path.stem not in by_parameters.setdefault(key, []):
                     by_parameters[key].append(path.stem)
     for key, stems in by_parameters.items():
         variants.setdefault("recipes/" + "+".join(stems), json.loads(key))
-    # the subspace projection (protect_subspace input, e = 0.5), if no recipe already measures it
+    # the recommended projection, if no recipe already measures it
     projection, _ = split(setting("chat-vector"))
     if projection not in variants.values():
-        variants["protect_subspace input e=0.5"] = projection
+        variants[f"protect_subspace {projection['protect_subspace']} e={projection['protect_energy']:g}"] = projection
     return variants
 
 

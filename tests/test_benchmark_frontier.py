@@ -71,3 +71,12 @@ def test_a_value_without_its_interval_is_no_evidence():
     line = next(line for line in text.splitlines() if line.startswith("| ours"))
     assert "+1.01 [no interval: TA's loss near the floor] (w=1)" in line and line.endswith("| n/a |")
     assert "| ours | +1.01 (no interval) / +0.98 (no interval) (n/a) |" in bf.glance(doc, "abc")
+
+
+def test_the_suites_recommended_family_is_the_shipped_setting():
+    from mergekit_sigmoid_diff import recommended
+
+    family, parameters, weights, statistics = bf.SETTINGS[0]
+    shipped, weight = recommended.split(recommended.RECOMMENDED["chat-vector"])
+    assert family.endswith("(recommended)") and parameters == shipped and weight in weights and statistics is None
+    assert [s[0] for s in bf.SETTINGS].count(family) == 1 and not any("(recommended)" in s[0] for s in bf.SETTINGS[1:])

@@ -37,7 +37,8 @@ def test_every_recipes_setting_the_published_default_and_the_projection_are_meas
                 recipe_parameters.append(doc.get("parameters") or {})
     assert recipe_parameters
     for parameters in recipe_parameters:
-        assert list(variants.values()).count(parameters) == 1
+        # the data recipes need statistics of the very models merged: benchmark_data_cost.py times them
+        assert list(variants.values()).count(parameters) == (0 if parameters.get("protect_subspace") == "data" else 1)
     projection, _ = split(setting("chat-vector"))
     assert list(variants.values()).count(projection) == 1
     assert len({json.dumps(v, sort_keys=True) for v in variants.values()}) == len(variants)
