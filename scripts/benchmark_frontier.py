@@ -342,6 +342,7 @@ def markdown(document: dict[str, Any], merge_key: str | None = None) -> str:
              "Commands: " + "; ".join(f"`{c}`" for c in commands) + f". Merge code `{key}`"
              + (f", sweep code `{'`, `'.join(codes)}`" if codes else "") + "." + cost + " "
              + (f"**Stale runs left out** (another merge code; rerun them): {stale_names}. " if stale else "")
+             + (f"{document['note']} " if document.get("note") else "")
              + "Every row below was computed by this code on these models (each run records the models' stamps "
              "in `frontier.json`). `gap_closed` = share of task_arithmetic's knowledge loss avoided at the "
              "point's own feature, against task_arithmetic's λ curve refined until a halving changes it by "
