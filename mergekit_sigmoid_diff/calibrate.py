@@ -561,8 +561,10 @@ def calibrate(model: str, out: Path, *, texts: Optional[Path] = None, chats: Opt
         "sketch_above": str(settings.sketch_above),
         "sketch_rank": "" if not ranks else str(max(ranks.values())),
     }
-    statistics.write_statistics(out, inputs, weights, collector.counts, checkpoint_name(embedding, names),
+    partial = out.with_name(out.name + ".partial")  # renamed when complete: an interrupted run leaves no file at out
+    statistics.write_statistics(partial, inputs, weights, collector.counts, checkpoint_name(embedding, names),
                                 metadata, n)
+    partial.replace(out)
     return Summary(out, out.stat().st_size, model_bytes, n, len(sequences), time.perf_counter() - started,
                    max(ranks.values()) if ranks else None, kind, settings)
 

@@ -121,13 +121,11 @@ def data_statistics(base: Path, adapters: Path, lora_cache: Path, workdir: Path,
         adapter = adapters / role
         digest = hashlib.sha256(text.read_bytes()).hexdigest()[:12]
         out = folder / f"{role}-{adapter_key(adapter)[:12]}-{digest}-{sequences}.safetensors"
-        if not out.is_file():
-            partial = out.with_name(out.name + ".partial")
+        if not out.is_file():  # calibrate writes the file whole or not at all
             clock.run("calibrate", lambda: calibrate(
-                mainjob.lora_ref(base, adapter), partial, settings=CalibrationSettings(max_sequences=sequences),
+                mainjob.lora_ref(base, adapter), out, settings=CalibrationSettings(max_sequences=sequences),
                 lora_cache=lora_cache, progress=False, **{kind: text}),
                 f"calibrate {role} on its training {'plays' if kind == 'texts' else 'chats'} ({sequences} sequences)")
-            partial.replace(out)
         files.append(out)
     return files[0], files[1]
 

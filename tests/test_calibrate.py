@@ -433,3 +433,20 @@ def test_default_settings_keep_the_file_within_the_size_share(models, tmp_path):
     ranks = {stats.for_weight(n).eigvecs.shape[1] for n in stats.weights if n != stats.embedding}
     # within the share, unless the share is below what the rank floor needs (this 77 kB model)
     assert tensor_bytes <= 0.10 * weight_bytes(Path(folder)) or ranks == {MIN_SKETCH_RANK}
+
+
+def test_an_interrupted_write_leaves_no_statistics_file(models, tmp_path, monkeypatch):
+    """The file appears whole or not at all (callers such as the main job cache it by name)."""
+    text = tmp_path / "play.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "s.safetensors"
+
+    def broken(path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cal.statistics, "write_statistics", broken)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(str(models["tied"]["folder"]), out, texts=text, progress=False,
+                  settings=CalibrationSettings(seq_len=16, max_sequences=2))
+    assert not out.exists()
