@@ -557,7 +557,7 @@ def calibrate(model: str, out: Path, *, texts: Optional[Path] = None, chats: Opt
         "text_kind": kind,
         "sequences": str(len(sequences)),
         "seq_len": str(settings.seq_len),
-        "code": code_key(*package_sources("statistics", "calibrate")),
+        "code": code_version(),
         "sketch_above": str(settings.sketch_above),
         "sketch_rank": "" if not ranks else str(max(ranks.values())),
     }
@@ -567,6 +567,12 @@ def calibrate(model: str, out: Path, *, texts: Optional[Path] = None, chats: Opt
     partial.replace(out)
     return Summary(out, out.stat().st_size, model_bytes, n, len(sequences), time.perf_counter() - started,
                    max(ranks.values()) if ranks else None, kind, settings)
+
+
+def code_version() -> str:
+    """The key of the code that writes a statistics file (its ``code`` metadata): a file written
+    under another key may hold other numbers."""
+    return code_key(*package_sources("statistics", "calibrate"))
 
 
 def _size(count: int) -> str:

@@ -32,9 +32,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # the modules a merged tensor's values depend on (the arithmetic and how a recipe reaches it)
 MERGE_MODULES = ("kernel", "normalization", "subspace", "gate_rules", "method", "varm",
                  "statistics", "datasolve", "datamerge", "prepared")
-# modules of MERGE_MODULES still being written: hashed once their file exists (drop this once
-# they are committed)
-_NOT_YET_WRITTEN = frozenset({"statistics", "datasolve", "datamerge", "prepared"})
 SCORING_MODULE = "scoring"
 # what of an adapter folder a LoRA merge reads (peft's file names)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -84,10 +81,8 @@ def _head(schema: int) -> str:
 
 
 def merge_sources() -> list[Path]:
-    """The files :func:`merge_key` hashes (a module of :data:`MERGE_MODULES` still being
-    written is left out until its file exists; any other missing file is an error)."""
-    return [path for name, path in zip(MERGE_MODULES, package_sources(*MERGE_MODULES))
-            if name not in _NOT_YET_WRITTEN or path.is_file()]
+    """The files :func:`merge_key` hashes (a missing one is an error when hashed)."""
+    return package_sources(*MERGE_MODULES)
 
 
 def merge_key(schema: int = 1) -> str:

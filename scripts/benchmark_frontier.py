@@ -18,8 +18,13 @@ Per case and seed (models trained by ``scripts/benchmark_real.py --train-only`` 
 3. every point is scored once by :mod:`mergekit_sigmoid_diff.scoring` (cached in
    ``WORKDIR/frontier/<case>-seed<seed>/scores.jsonl``, keyed by the models' stamps, the point,
    the merge code and the score key: a rerun scores only what is missing);
-4. each family is taken at its best point (largest ``gap_closed``); its interval is a paired
+4. each family is taken at its best point (largest ``gap_closed``), never at the edge of what
+   was tried while a step past it is allowed (:func:`widen`); its interval is a paired
    bootstrap over the evaluation items (:func:`mergekit_sigmoid_diff.frontier.bootstrap_gaps`).
+
+``--statistics-only`` makes or checks the statistics files and scores nothing
+(:func:`benchlib.calibration.current`: a file is reused only while today's ``calibrate`` writes
+the same numbers).
 
 Writes ``frontier.json`` (every point, its gap and interval) and ``frontier.md`` to ``--out``.
 """
@@ -71,7 +76,12 @@ GRID: list[tuple[str, dict[str, Any], tuple[float, ...], Statistics | None]] = [
     ("data 32 sequences", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), (32, "donor")),
     ("data 512 sequences", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), (512, "donor")),
 ]
+SETTINGS_BY_NAME = {family: weights for family, _, weights, _ in SETTINGS + GRID}
 BASELINE_SCALES = (0.75, 1.0, 1.25)
+# a family's best point must not sit at the edge of what was tried: the weights (or scales) are
+# widened by one step past an edge holding the best gap, up to these limits and this many steps
+WIDEN_LIMITS = (0.25, 3.0)
+WIDEN_STEPS = 3
 EXCLUDE = ("embed_tokens", "lm_head")  # vocabulary tensors take T + s·D in every baseline (as our recipes)
 
 
@@ -142,6 +152,8 @@ class Baselines:
         self._inputs: tuple | None = None
 
     def inputs(self) -> tuple:
+        """B, T and I as full tensors, read once per case and seed (the sweep keeps prepared diffs,
+        not the models, so the baselines' formulas read their own copy)."""
         if self._inputs is None:
             folders = self.sweep.models.folders
             self._inputs = tuple(_load(folders[k]) for k in ("B", "T", "I"))
@@ -159,12 +171,11 @@ class Baselines:
         b, t, i = self.inputs()
         merged = baselines.apply(family, b, t, i, scale, grams=self.grams if family in baselines.DATA_AWARE else None,
                                  exclude=EXCLUDE)
-        transfer = s.transfer
-        with torch.no_grad():
-            for name, parameter in transfer._parameters.items():  # noqa: SLF001 (the sweep's working model)
+        with torch.no_grad():  # into the sweep's working model, scored as every other point
+            for name, parameter in s.transfer.model.named_parameters():
                 parameter.copy_(merged[name])
         del merged
-        scores = scoring.score(transfer.model, s.probe, sets)
+        scores = scoring.score(s.transfer.model, s.probe, sets)
         row = {"key": key, "name": f"{family} s={scale:g}", "kind": "baseline", "value": scale, "family": family, **scores}
         s.cache.put(row)
         return row
@@ -183,6 +194,57 @@ def grams_for(statistics: dict[str, Path]) -> dict[str, tuple[torch.Tensor, torc
     return out
 
 
+def widen(values: tuple[float, ...], gaps: dict[float, float | None],
+          limits: tuple[float, float] = WIDEN_LIMITS) -> tuple[float, ...] | None:
+    """``values`` with one more step (the family's own spacing at that end) past the edge that
+    holds the best gap; None when the best lies inside, at a limit, or nothing can be compared
+    (every gap n/a)."""
+    known = {v: g for v, g in gaps.items() if g is not None}
+    if not known:
+        return None
+    ordered = sorted(values)
+    best = max(known, key=lambda v: known[v])
+    if len(ordered) < 2:
+        return None
+    if best == ordered[-1] and ordered[-1] + (ordered[-1] - ordered[-2]) <= limits[1] + 1e-9:
+        return (*ordered, round(2 * ordered[-1] - ordered[-2], 6))
+    if best == ordered[0] and ordered[0] - (ordered[1] - ordered[0]) >= limits[0] - 1e-9:
+        return (round(2 * ordered[0] - ordered[1], 6), *ordered)
+    return None
+
+
+def wider(sweep: Sweep, inputs: dict, ta_rows: dict, rows: dict[float, dict], values: tuple[float, ...],
+          steps: int) -> tuple[float, ...] | None:
+    """:func:`widen` on the family's gaps against task_arithmetic's grid so far (refined later);
+    None once :data:`WIDEN_STEPS` steps were added."""
+    if steps >= WIDEN_STEPS:
+        return None
+    curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
+    gaps = {}
+    for value, row in rows.items():
+        p = sweep.point(row, 0.0)
+        gaps[value] = frontier.gap(curve, p.feature, p.knowledge).value
+    return widen(values, gaps)
+
+
+def statistics_files(case: str, models: tuple[Path, Path], which: Statistics, workdir: Path, base: Path, tokenizer,
+                     log: Callable) -> dict[str, Path]:
+    """A data family's statistics files (T on its text; I, or T if so named, on the donor's data),
+    made or checked current by :func:`benchlib.calibration.statistics_files`."""
+    target, donor = models
+    sequences, reader = which
+    return calibration.statistics_files(case, {"target": target, "donor": donor if reader == "donor" else target},
+                                        workdir, base, tokenizer, sequences=sequences, log=log)
+
+
+def needed_statistics(families: list[str]) -> list[Statistics]:
+    """The statistics the named families read (the data settings' and the data-aware baselines')."""
+    out = [data for family, _, _, data in SETTINGS + GRID if family in families and data]
+    if any(f in baselines.DATA_AWARE for f in families):
+        out.append(OWN)
+    return list(dict.fromkeys(out))
+
+
 def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Path, tokenizer, log: Callable,
              bootstrap: int, scales: tuple[float, ...] = BASELINE_SCALES) -> dict[str, Any]:
     target, donor = case_models(case, seed, workdir, base)
@@ -192,9 +254,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
 
     def statistics_for(which: Statistics) -> dict[str, Path]:
         if which not in files:
-            sequences, reader = which
-            models = {"target": target, "donor": donor if reader == "donor" else target}
-            files[which] = calibration.statistics_files(case, models, workdir, base, tokenizer, sequences=sequences, log=log)
+            files[which] = statistics_files(case, (target, donor), which, workdir, base, tokenizer, log)
         return files[which]
 
     points: dict[str, list[tuple[str, dict]]] = {}
@@ -209,13 +269,16 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             params.update(target_statistics=str(stats["target"]), donor_statistics=str(stats["donor"]))
         slug = hashlib.sha1(family.encode()).hexdigest()[:8]
         recipe = write_recipe(folder / "recipes" / f"{slug}.yml", base, target, donor, params)
-        sweep = Sweep(recipe, folder, SweepSettings(weights=weights, bootstrap=0), probe_for=lambda _tok: probe,
-                      axes=axes, log=log, quiet=True)
         started = time.perf_counter()
-        result = sweep.run(progress=False)
-        ta_rows.update({k[1]: r for k, r in result.rows.items() if k[0] == "task_arithmetic"})
-        inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
-        points[family] = [(f"w={w:g}", result.rows["recipe", w]) for w in weights]
+        while weights:
+            sweep = Sweep(recipe, folder, SweepSettings(weights=weights, bootstrap=0), probe_for=lambda _tok: probe,
+                          axes=axes, log=log, quiet=True)
+            result = sweep.run(progress=False)
+            ta_rows.update({k[1]: r for k, r in result.rows.items() if k[0] == "task_arithmetic"})
+            inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
+            points[family] = [(f"w={w:g}", result.rows["recipe", w]) for w in weights]
+            weights = wider(sweep, inputs, ta_rows, dict(zip(weights, (r for _, r in points[family]))), weights,
+                            len(weights) - len(SETTINGS_BY_NAME[family]))
         log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s ({sweep.timing})")
     if sweep is None:  # baselines only: a sweep of the recommended recipe provides the engine and the grid
         family, parameters, weights, _ = SETTINGS[0]
@@ -230,7 +293,12 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
     for family in families:
         if family in baselines.FAMILIES:
             started = time.perf_counter()
-            points[family] = [(f"s={s:g}", engine.score(family, s)) for s in scales]
+            tried: tuple[float, ...] = tuple(scales)
+            rows = {s: engine.score(family, s) for s in tried}
+            while (more := wider(sweep, inputs, ta_rows, rows, tried, len(tried) - len(scales))):
+                tried = more
+                rows.update({s: engine.score(family, s) for s in tried if s not in rows})
+            points[family] = [(f"s={s:g}", rows[s]) for s in tried]
             log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s")
     # one curve for every family: T, the grid and every refined λ; then refine around each point
     curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
@@ -396,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--scales", type=float, nargs="+", default=list(BASELINE_SCALES), help="the baselines' donor scales")
     parser.add_argument("--report-only", action="store_true", help="rewrite frontier.md from frontier.json")
+    parser.add_argument("--statistics-only", action="store_true",
+                        help="make or check current the statistics files the families read, and score nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = (args.workdir or smollm2.cache_root() / "real_suite").absolute()
@@ -415,6 +485,14 @@ def main(argv: list[str] | None = None) -> None:
     document = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
     if args.report_only:
         (args.out / "frontier.md").write_text(markdown(document, codekey.merge_key()))
+        return
+    if args.statistics_only:
+        for case in args.cases:
+            for seed in args.seeds:
+                models = case_models(case, seed, workdir, base)
+                for which in needed_statistics(args.families):
+                    for role, path in statistics_files(case, models, which, workdir, base, tokenizer, log).items():
+                        log(f"{case} seed {seed} {which}: {role} {path.name} current")
         return
     for case in args.cases:
         for seed in args.seeds:

@@ -80,3 +80,22 @@ def test_the_suites_recommended_family_is_the_shipped_setting():
     shipped, weight = recommended.split(recommended.RECOMMENDED["chat-vector"])
     assert family.endswith("(recommended)") and parameters == shipped and weight in weights and statistics is None
     assert [s[0] for s in bf.SETTINGS].count(family) == 1 and not any("(recommended)" in s[0] for s in bf.SETTINGS[1:])
+
+
+def test_needed_statistics_names_each_file_set_once():
+    own = bf.OWN
+    assert bf.needed_statistics(["protect both e=0.5 (recommended)", "WUDI"]) == []
+    assert bf.needed_statistics(["data β=0.1 α=0.01", "data β=1 α=0.01", "RegMean", "AIM"]) == [own]
+    grid = bf.needed_statistics(["data X_I from T", "data 32 sequences", "data 512 sequences", "AIM"])
+    assert grid == [(128, "target"), (32, "donor"), (512, "donor"), own]
+
+
+def test_widen_steps_past_the_edge_that_holds_the_best_gap():
+    scales = (0.75, 1.0, 1.25)
+    assert bf.widen(scales, {0.75: 0.1, 1.0: 0.3, 1.25: 0.5}) == (0.75, 1.0, 1.25, 1.5)
+    assert bf.widen(scales, {0.75: 0.6, 1.0: 0.3, 1.25: None}) == (0.5, 0.75, 1.0, 1.25)
+    assert bf.widen(scales, {0.75: 0.1, 1.0: 0.5, 1.25: 0.2}) is None  # the best lies inside
+    assert bf.widen(scales, {0.75: None, 1.0: None, 1.25: None}) is None  # nothing to compare
+    assert bf.widen((1.0, 1.5, 2.0), {1.0: 0.9, 1.5: 0.95, 2.0: 0.96}) == (1.0, 1.5, 2.0, 2.5)  # its own spacing
+    assert bf.widen((2.0, 2.5, 3.0), {2.0: 0.1, 2.5: 0.2, 3.0: 0.3}) is None  # at the upper limit
+    assert bf.widen((0.25, 0.5), {0.25: 0.4, 0.5: 0.1}) is None  # at the lower limit

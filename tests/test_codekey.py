@@ -64,14 +64,12 @@ def test_the_score_key_follows_the_evaluation_data(package):
         codekey.score_key(package / "missing.json")
 
 
-def test_modules_still_being_written_join_the_merge_key_once_they_exist(package):
-    for name in ("statistics", "datasolve", "datamerge", "prepared"):
-        (package / f"{name}.py").unlink()
-    without = codekey.merge_key()
-    assert [p.name for p in codekey.merge_sources()] == [f"{n}.py" for n in codekey.MERGE_MODULES[:6]]
-    (package / "datasolve.py").write_text("# new\n")
-    assert codekey.merge_key() != without
-    (package / "kernel.py").unlink()  # the rest must exist
+def test_every_merge_module_is_hashed_and_a_missing_one_is_an_error(package):
+    assert [p.name for p in codekey.merge_sources()] == [f"{n}.py" for n in codekey.MERGE_MODULES]
+    key = codekey.merge_key()
+    (package / "datasolve.py").write_text("# edited\n")
+    assert codekey.merge_key() != key
+    (package / "prepared.py").unlink()
     with pytest.raises(FileNotFoundError):
         codekey.merge_key()
 

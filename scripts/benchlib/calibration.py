@@ -11,8 +11,9 @@ The calibration texts are each model's own training data, disjoint from everythi
 - I of ``full-domain``: the training part of CPython's documentation.
 
 ``calibrate`` runs in this process (``mergekit_sigmoid_diff.calibrate.calibrate``, the code the
-command runs) with its defaults except the number of sequences; a file is reused while its name
-(the model's stamp, the text's hash and the sequence count) matches.
+command runs) with its defaults except the number of sequences. A file is reused while its name
+(the model's stamp, the text's hash and the sequence count) matches and today's ``calibrate`` would
+write the same numbers (:func:`current`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchlib import alllayers, chatdata, real
 
@@ -61,11 +62,54 @@ def statistics_files(case: str, models: dict[str, Path], workdir: Path, base: Pa
         folder = models[role]
         digest = hashlib.sha256(text.read_bytes()).hexdigest()[:12]
         path = Path(workdir) / "statistics" / f"{statistics.model_stamp(folder)[:16]}-{digest}-{sequences}.safetensors"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            log(f"calibrate {role} {folder} on {text.name} ({sequences} sequences)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def make(into: Path, folder: Path = folder, text: Path = text, kind: str = kind, role: str = role) -> None:
+            log(f"calibrate {role} {folder} on {text.name} ({sequences} sequences) into {into.name}")
             arguments: dict[str, Any] = {kind: text}
-            calibrate(str(folder), path, settings=CalibrationSettings(max_sequences=sequences), progress=False,
+            calibrate(str(folder), into, settings=CalibrationSettings(max_sequences=sequences), progress=False,
                       tokenizer=str(base), **arguments)  # the suite's model folders hold no tokenizer: B's
+
+        current(path, make, log)
         out[role] = path
     return out
+
+
+def current(path: Path, make: Callable[[Path], None], log: Callable[[str], None] = print) -> None:
+    """Leave at ``path`` the file today's ``calibrate`` writes, made by ``make(path)`` if absent.
+
+    A file whose ``code`` is not today's calibrate's is made again beside it. Bit for bit the same
+    (tensors and metadata but ``code``): the old file stays, so the data rows keyed by its size and
+    time stay valid, and a marker beside it records the check. Otherwise the new file replaces it
+    and those rows are scored again."""
+    from mergekit_sigmoid_diff.calibrate import code_version
+
+    if not path.is_file():
+        make(path)
+        return
+    today = code_version()
+    written = statistics.StatisticsFile(path).metadata.get("code")
+    checked = path.with_name(f"{path.name}.same-under-{today}")
+    if written == today or checked.is_file():
+        return
+    again = path.with_name(f"{path.stem}.again.safetensors")
+    make(again)
+    if same_statistics(path, again):
+        checked.write_text(f"{path.name} (calibrate {written}) is bit for bit what calibrate {today} writes\n")
+        again.unlink()
+        log(f"{path.name}: calibrate {today} writes the same numbers as {written}: kept")
+    else:
+        again.replace(path)
+        log(f"{path.name}: calibrate {today} writes other numbers than {written}: replaced (its data rows are rescored)")
+
+
+def same_statistics(a: Path, b: Path) -> bool:
+    """Two statistics files with the same tensors, bit for bit, and the same metadata but ``code``."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        meta_a, meta_b = ({k: v for k, v in (f.metadata() or {}).items() if k != "code"} for f in (fa, fb))
+        if meta_a != meta_b or set(fa.keys()) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
