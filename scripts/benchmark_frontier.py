@@ -143,6 +143,10 @@ def fresh(runs: list[dict[str, Any]], merge_key: str, sweep_code: str | None = N
     return ok, [r for r in runs if r not in ok]
 
 
+class NoPoint(Exception):
+    """A baseline that cannot be computed at a scale (reported with the run, never a score)."""
+
+
 class Baselines:
     """The baselines' points, applied into the sweep's working model and scored there."""
 
@@ -169,8 +173,11 @@ class Baselines:
         if cached is not None:
             return cached
         b, t, i = self.inputs()
-        merged = baselines.apply(family, b, t, i, scale, grams=self.grams if family in baselines.DATA_AWARE else None,
-                                 exclude=EXCLUDE)
+        try:
+            merged = baselines.apply(family, b, t, i, scale, grams=self.grams if family in baselines.DATA_AWARE else None,
+                                     exclude=EXCLUDE)
+        except torch.linalg.LinAlgError as error:  # LAPACK's SVD fails on nearly repeated singular values
+            raise NoPoint(f"{family} s={scale:g}: {str(error).splitlines()[0].split(' because')[0]}") from None
         with torch.no_grad():  # into the sweep's working model, scored as every other point
             for name, parameter in s.transfer.model.named_parameters():
                 parameter.copy_(merged[name])
@@ -288,17 +295,26 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
         result = sweep.run(progress=False)
         ta_rows.update({k[1]: r for k, r in result.rows.items() if k[0] == "task_arithmetic"})
         inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
+    failures: list[str] = []
     needs_grams = any(f in baselines.DATA_AWARE for f in families)
     engine = Baselines(sweep, grams_for(statistics_for(OWN)) if needs_grams else None)
     for family in families:
         if family in baselines.FAMILIES:
             started = time.perf_counter()
-            tried: tuple[float, ...] = tuple(scales)
-            rows = {s: engine.score(family, s) for s in tried}
-            while (more := wider(sweep, inputs, ta_rows, rows, tried, len(tried) - len(scales))):
+            tried: tuple[float, ...] = ()
+            rows: dict[float, dict] = {}
+            more: tuple[float, ...] | None = tuple(scales)
+            while more:
+                for scale in (s for s in more if s not in tried):
+                    try:
+                        rows[scale] = engine.score(family, scale)
+                    except NoPoint as error:
+                        failures.append(str(error))
+                        log(f"{case} seed {seed}: no point: {error}")
                 tried = more
-                rows.update({s: engine.score(family, s) for s in tried if s not in rows})
-            points[family] = [(f"s={s:g}", rows[s]) for s in tried]
+                more = wider(sweep, inputs, ta_rows, rows, tried, len(tried) - len(scales))
+            if rows:
+                points[family] = [(f"s={s:g}", rows[s]) for s in tried if s in rows]
             log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s")
     # one curve for every family: T, the grid and every refined λ; then refine around each point
     curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
@@ -345,7 +361,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             "task_arithmetic": [{"lambda": lam, "feature": ta_rows[lam][f"{axes.feature}_nll"],
                                  "knowledge": ta_rows[lam][f"{axes.knowledge}_nll"],
                                  **({"both": ta_rows[lam][f"{both}_nll"]} if both else {})} for lam in lams],
-            "points": out_points}
+            "points": out_points, "no_point": failures}
 
 
 def best(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -448,6 +464,9 @@ def markdown(document: dict[str, Any], merge_key: str | None = None) -> str:
                     row += " — |"
             lines.append(row)
         lines.append("")
+        failed = [f"seed {r['seed']}: {f}" for r in case_runs for f in r.get("no_point", [])]
+        if failed:
+            lines += ["Not computable (no point, so not in the table): " + "; ".join(failed) + ".", ""]
     return "\n".join(lines) + "\n"
 
 

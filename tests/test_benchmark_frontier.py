@@ -99,3 +99,11 @@ def test_widen_steps_past_the_edge_that_holds_the_best_gap():
     assert bf.widen((1.0, 1.5, 2.0), {1.0: 0.9, 1.5: 0.95, 2.0: 0.96}) == (1.0, 1.5, 2.0, 2.5)  # its own spacing
     assert bf.widen((2.0, 2.5, 3.0), {2.0: 0.1, 2.5: 0.2, 3.0: 0.3}) is None  # at the upper limit
     assert bf.widen((0.25, 0.5), {0.25: 0.4, 0.5: 0.1}) is None  # at the lower limit
+
+
+def test_report_names_points_that_could_not_be_computed():
+    failing = run(0, [point("ours", "w=1", 0.9, lo=0.8, hi=0.95, se=0.03)])
+    failing["no_point"] = ["Iso-CTS s=1: linalg.svd: The algorithm failed to converge"]
+    text = bf.markdown({"runs": [failing, run(1, [point("ours", "w=1", 0.8, lo=0.7, hi=0.9, se=0.03)])]})
+    assert "Not computable (no point, so not in the table): seed 0: Iso-CTS s=1: linalg.svd" in text
+    assert "Not computable" not in bf.markdown({"runs": [run(0, [point("ours", "w=1", 0.9)])]})
