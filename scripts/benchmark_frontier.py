@@ -369,6 +369,15 @@ def best(points: list[dict[str, Any]]) -> dict[str, Any]:
     return max(points, key=lambda r: (r["gap_closed"] is not None, r["gap_closed"] if r["gap_closed"] is not None else 0))
 
 
+def at_edge(points: list[dict[str, Any]], chosen: dict[str, Any]) -> bool:
+    """Whether ``chosen`` (with a gap) is the smallest or largest weight or scale its family tried:
+    its best may lie beyond what was tried (a run that widened stops at a limit or after
+    :data:`WIDEN_STEPS` steps)."""
+    values = [float(p["point"].split("=")[1]) for p in points]
+    return (len(values) > 1 and chosen["gap_closed"] is not None
+            and float(chosen["point"].split("=")[1]) in (min(values), max(values)))
+
+
 def seed_gap(r: dict[str, Any]) -> frontier.SeedGap:
     """A seed's best point for the verdict: a value without its interval (task_arithmetic's loss
     under the floor in too many resamples) counts as n/a, never as an exact value."""
@@ -432,7 +441,8 @@ def markdown(document: dict[str, Any], merge_key: str | None = None) -> str:
              "point's own feature, against task_arithmetic's λ curve refined until a halving changes it by "
              "< 0.02; [lo, hi] = 95 % paired bootstrap over the evaluation items (1000 resamples); ≥ = a lower "
              "bound (the point's feature is beyond any λ); n/a = task_arithmetic loses < 0.01 nats there. "
-             "Each family is shown at its best point per seed. Verdict over seeds: beats = every seed's "
+             "Each family is shown at its best point per seed; \"edge\" = that point is the smallest or largest "
+             "weight or scale its family tried there, so a better one may lie beyond. Verdict over seeds: beats = every seed's "
              "interval above 0 and the mean beyond the combined noise.", ""]
     for case in dict.fromkeys(r["case"] for r in runs):
         case_runs = sorted((r for r in runs if r["case"] == case), key=lambda r: r["seed"])
@@ -453,7 +463,7 @@ def markdown(document: dict[str, Any], merge_key: str | None = None) -> str:
                     continue
                 b = best(pts)
                 per_seed.append(seed_gap(b))
-                cells.append(f"{_gap(b)} ({b['point']})")
+                cells.append(f"{_gap(b)} ({b['point']}{', edge' if at_edge(pts, b) else ''})")
             row = f"| {family} | " + " | ".join(cells) + f" | {frontier.verdict(per_seed) if len(seeds) > 1 else 'one seed'} |"
             if axes["both"]:
                 first = [p for p in case_runs[0]["points"] if p["family"] == family]

@@ -30,7 +30,7 @@ def test_report_gives_intervals_bounds_and_verdicts():
     ]}
     text = bf.markdown(doc)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ") and "family" not in line}
-    assert "+0.90 [+0.80, +0.95] (w=1)" in rows["ours"] and rows["ours"].endswith("| beats |")
+    assert "+0.90 [+0.80, +0.95] (w=1, edge)" in rows["ours"] and rows["ours"].endswith("| beats |")
     assert "≥ +0.30 [+0.10, +0.40]" in rows["base"] and rows["base"].endswith("| beats ≥ |")
     assert rows["neg"].endswith("| loses |")
 
@@ -107,3 +107,14 @@ def test_report_names_points_that_could_not_be_computed():
     text = bf.markdown({"runs": [failing, run(1, [point("ours", "w=1", 0.8, lo=0.7, hi=0.9, se=0.03)])]})
     assert "Not computable (no point, so not in the table): seed 0: Iso-CTS s=1: linalg.svd" in text
     assert "Not computable" not in bf.markdown({"runs": [run(0, [point("ours", "w=1", 0.9)])]})
+
+
+def test_a_best_point_at_the_end_of_what_was_tried_is_marked_edge():
+    pts = [point("x", "s=0.75", 0.1), point("x", "s=1", 0.3), point("x", "s=1.25", 0.5)]
+    assert bf.at_edge(pts, pts[2]) and bf.at_edge(pts, pts[0]) and not bf.at_edge(pts, pts[1])
+    assert not bf.at_edge(pts[:1], pts[0])  # one point: nothing to widen
+    assert not bf.at_edge([point("x", "s=1", None), point("x", "s=2", None)], point("x", "s=1", None))
+    inside = run(0, [point("ours", "w=1", 0.2), point("ours", "w=2", 0.5), point("ours", "w=3", 0.1)])
+    edge = run(1, [point("ours", "w=1", 0.2), point("ours", "w=2", 0.5)])
+    text = bf.markdown({"runs": [inside, edge]})
+    assert "(w=2) |" in text and "(w=2, edge) |" in text
