@@ -394,8 +394,9 @@ def _gap(r: dict[str, Any]) -> str:
 
 
 def glance(document: dict[str, Any], merge_key: str, families: list[str] | None = None) -> str:
-    """README's table: per family and case, each seed's best ``gap_closed`` (≥ a bound, n/a) and
-    the verdict over the seeds; the same numbers as frontier.md, from the same runs."""
+    """README's table: per family and case, each seed's best ``gap_closed`` (≥ a bound, n/a, † at
+    the edge of what was tried) and the verdict over the seeds; the same numbers as frontier.md,
+    from the same runs."""
     runs, _ = fresh(document["runs"], merge_key)
     cases = list(dict.fromkeys(r["case"] for r in runs))
     families = families or list(dict.fromkeys(p["family"] for r in runs for p in r["points"]))
@@ -411,7 +412,7 @@ def glance(document: dict[str, Any], merge_key: str, families: list[str] | None 
                 b = best(pts)
                 per_seed.append(seed_gap(b))
                 shown.append("n/a" if b["gap_closed"] is None else f"{'≥' if not b['gap_exact'] else ''}{b['gap_closed']:+.2f}"
-                             + (" (no interval)" if b["gap_ci_lo"] is None else ""))
+                             + ("†" if at_edge(pts, b) else "") + (" (no interval)" if b["gap_ci_lo"] is None else ""))
             verdict = frontier.verdict(per_seed) if len(per_seed) > 1 else ("one seed" if per_seed else "")
             cells.append(f"{' / '.join(shown)} ({verdict})" if shown else "—")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")

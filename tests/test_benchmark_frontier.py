@@ -118,3 +118,8 @@ def test_a_best_point_at_the_end_of_what_was_tried_is_marked_edge():
     edge = run(1, [point("ours", "w=1", 0.2), point("ours", "w=2", 0.5)])
     text = bf.markdown({"runs": [inside, edge]})
     assert "(w=2) |" in text and "(w=2, edge) |" in text
+
+
+def test_glance_marks_an_edge_point_with_a_dagger():
+    doc = {"runs": [run(0, [point("ours", "w=1", 0.2, lo=0.1, hi=0.3), point("ours", "w=2", 0.5, lo=0.4, hi=0.6)])]}
+    assert "+0.50†" in bf.glance(doc, "abc")
