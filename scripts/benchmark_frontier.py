@@ -370,12 +370,11 @@ def best(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def at_edge(points: list[dict[str, Any]], chosen: dict[str, Any]) -> bool:
-    """Whether ``chosen`` (with a gap) is the smallest or largest weight or scale its family tried:
-    its best may lie beyond what was tried (a run that widened stops at a limit or after
-    :data:`WIDEN_STEPS` steps)."""
+    """Whether ``chosen`` (with a gap) is the smallest or largest weight or scale its family tried
+    (a family tried at one scale included): its best may lie beyond what was tried (a run that
+    widened stops at a limit or after :data:`WIDEN_STEPS` steps)."""
     values = [float(p["point"].split("=")[1]) for p in points]
-    return (len(values) > 1 and chosen["gap_closed"] is not None
-            and float(chosen["point"].split("=")[1]) in (min(values), max(values)))
+    return chosen["gap_closed"] is not None and float(chosen["point"].split("=")[1]) in (min(values), max(values))
 
 
 def seed_gap(r: dict[str, Any]) -> frontier.SeedGap:

@@ -49,7 +49,7 @@ def test_stale_runs_are_named_and_left_out_of_the_tables():
     new.update(command="python scripts/benchmark_frontier.py --seeds 0", seconds=600.0, sweep_code="s1")
     text = bf.markdown({"runs": [new, old]}, "abc")
     assert "Stale runs left out** (another merge code; rerun them): c seed 1." in text
-    assert "+0.99" not in text and "+0.40 [+0.30, +0.50] (w=1)" in text and "seed 1" not in text.split("## c")[1]
+    assert "+0.99" not in text and "+0.40 [+0.30, +0.50] (w=1, edge)" in text and "seed 1" not in text.split("## c")[1]
     assert "`python scripts/benchmark_frontier.py --seeds 0`" in text and "Merge code `abc`, sweep code `s1`" in text
     assert "10 min over 1 case-seeds" in text
     ok, stale = bf.fresh([new, old], "abc", "s2")  # another sweep code is stale too
@@ -60,7 +60,7 @@ def test_glance_gives_each_seed_and_the_verdict_per_case():
     doc = {"runs": [run(0, [point("ours", "w=1", 0.9, lo=0.8, hi=0.95, se=0.03), point("base", "s=1", None)]),
                     run(1, [point("ours", "w=1", 0.8, exact=False, lo=0.7, hi=0.9, se=0.03)])]}
     text = bf.glance(doc, "abc")
-    assert "| ours | +0.90 / ≥+0.80 (beats ≥) |" in text and "| base | n/a (one seed) |" in text, text
+    assert "| ours | +0.90† / ≥+0.80† (beats ≥) |" in text and "| base | n/a (one seed) |" in text, text
 
 
 def test_a_value_without_its_interval_is_no_evidence():
@@ -69,8 +69,8 @@ def test_a_value_without_its_interval_is_no_evidence():
     doc = {"runs": [run(0, [point("ours", "w=1", 1.01)]), run(1, [point("ours", "w=1", 0.98)])]}
     text = bf.markdown(doc, "abc")
     line = next(line for line in text.splitlines() if line.startswith("| ours"))
-    assert "+1.01 [no interval: TA's loss near the floor] (w=1)" in line and line.endswith("| n/a |")
-    assert "| ours | +1.01 (no interval) / +0.98 (no interval) (n/a) |" in bf.glance(doc, "abc")
+    assert "+1.01 [no interval: TA's loss near the floor] (w=1, edge)" in line and line.endswith("| n/a |")
+    assert "| ours | +1.01† (no interval) / +0.98† (no interval) (n/a) |" in bf.glance(doc, "abc")
 
 
 def test_the_suites_recommended_family_is_the_shipped_setting():
@@ -112,7 +112,7 @@ def test_report_names_points_that_could_not_be_computed():
 def test_a_best_point_at_the_end_of_what_was_tried_is_marked_edge():
     pts = [point("x", "s=0.75", 0.1), point("x", "s=1", 0.3), point("x", "s=1.25", 0.5)]
     assert bf.at_edge(pts, pts[2]) and bf.at_edge(pts, pts[0]) and not bf.at_edge(pts, pts[1])
-    assert not bf.at_edge(pts[:1], pts[0])  # one point: nothing to widen
+    assert bf.at_edge(pts[:1], pts[0])  # one scale tried: nothing shows the best lies there
     assert not bf.at_edge([point("x", "s=1", None), point("x", "s=2", None)], point("x", "s=1", None))
     inside = run(0, [point("ours", "w=1", 0.2), point("ours", "w=2", 0.5), point("ours", "w=3", 0.1)])
     edge = run(1, [point("ours", "w=1", 0.2), point("ours", "w=2", 0.5)])
