@@ -76,7 +76,6 @@ GRID: list[tuple[str, dict[str, Any], tuple[float, ...], Statistics | None]] = [
     ("data 32 sequences", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), (32, "donor")),
     ("data 512 sequences", {"protect_subspace": "data"}, (1.0, 1.5, 2.0), (512, "donor")),
 ]
-SETTINGS_BY_NAME = {family: weights for family, _, weights, _ in SETTINGS + GRID}
 BASELINE_SCALES = (0.75, 1.0, 1.25)
 # a family's best point must not sit at the edge of what was tried: the weights (or scales) are
 # widened by one step past an edge holding the best gap, up to these limits and this many steps
@@ -277,6 +276,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
         slug = hashlib.sha1(family.encode()).hexdigest()[:8]
         recipe = write_recipe(folder / "recipes" / f"{slug}.yml", base, target, donor, params)
         started = time.perf_counter()
+        first = weights
         while weights:
             sweep = Sweep(recipe, folder, SweepSettings(weights=weights, bootstrap=0), probe_for=lambda _tok: probe,
                           axes=axes, log=log, quiet=True)
@@ -285,7 +285,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
             points[family] = [(f"w={w:g}", result.rows["recipe", w]) for w in weights]
             weights = wider(sweep, inputs, ta_rows, dict(zip(weights, (r for _, r in points[family]))), weights,
-                            len(weights) - len(SETTINGS_BY_NAME[family]))
+                            len(weights) - len(first))
         log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s ({sweep.timing})")
     if sweep is None:  # baselines only: a sweep of the recommended recipe provides the engine and the grid
         family, parameters, weights, _ = SETTINGS[0]
