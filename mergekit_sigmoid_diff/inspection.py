@@ -223,50 +223,32 @@ def load_recipe(path: Path):
     return config
 
 
-def _report_task_type():
-    """The mergekit task that turns one planned merge step into a :class:`TensorReport`
-    (defined lazily: importing this module must not import mergekit)."""
-    from mergekit.graph import Task
-    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-
+def _report(merge: Any, tensors: dict) -> Optional[TensorReport]:
+    """One planned merge step (mergekit's ``ExecuteMergeMethodTask``) as a :class:`TensorReport`,
+    from the tensors mergekit gathers for it (:func:`.plan.each_step`, as ``sweep`` reads a step);
+    None for an optional tensor absent from some model, or an integer buffer."""
     from mergekit_sigmoid_diff.plan import step_roles
 
-    class TensorReportTask(Task[Optional[TensorReport]]):
-        merge: ExecuteMergeMethodTask
-
-        def arguments(self) -> dict[str, Task]:
-            return {"tensors": self.merge.gather_tensors}
-
-        def group_label(self) -> Optional[str]:
-            return self.merge.group_label()
-
-        def uses_accelerator(self) -> bool:
-            return False
-
-        def execute(self, tensors: dict) -> Optional[TensorReport]:
-            merge = self.merge
-            name = merge.output_weight.name
-            base, target, donors = step_roles(merge)
-            needed = [base, target, *(m for m, _ in donors)]
-            if any(m not in tensors for m in needed) or not tensors[base].is_floating_point():
-                return None  # an optional tensor absent from some model, or an integer buffer
-            # mergekit's own merge step, as the merge runs it (dtype, method, non-finite
-            # inputs and overflow checks): inspect fails exactly where the merge would
-            merge.execute(tensors=tensors)
-            parameters = dict(merge.parameters.items())
-            return tensor_report(
-                name,
-                tensors[base],
-                tensors[target],
-                [tensors[m] for m, _ in donors],
-                [w for _, w in donors],
-                GateSettings.from_parameters(parameters),
-                vocabulary=merge.output_weight.vocabulary_axis is not None,
-                parameters=parameters,
-                donor_names=[str(m) for m, _ in donors],
-            )
-
-    return TensorReportTask
+    name = merge.output_weight.name
+    base, target, donors = step_roles(merge)
+    needed = [base, target, *(m for m, _ in donors)]
+    if any(m not in tensors for m in needed) or not tensors[base].is_floating_point():
+        return None
+    # mergekit's own merge step, as the merge runs it (dtype, method, non-finite
+    # inputs and overflow checks): inspect fails exactly where the merge would
+    merge.execute(tensors=tensors)
+    parameters = dict(merge.parameters.items())
+    return tensor_report(
+        name,
+        tensors[base],
+        tensors[target],
+        [tensors[m] for m, _ in donors],
+        [w for _, w in donors],
+        GateSettings.from_parameters(parameters),
+        vocabulary=merge.output_weight.vocabulary_axis is not None,
+        parameters=parameters,
+        donor_names=[str(m) for m, _ in donors],
+    )
 
 
 def inspect_recipe(recipe: Path, options: Any = None, *, quiet: bool = False) -> tuple[list[TensorReport], list[str]]:
@@ -279,23 +261,17 @@ def inspect_recipe(recipe: Path, options: Any = None, *, quiet: bool = False) ->
     own checks. Returns the reports in mergekit's output order and the names of the
     tensors skipped (optional tensors missing from a model; integer buffers).
     """
-    from mergekit.graph import Executor
     from mergekit.options import MergeOptions
 
     from mergekit_sigmoid_diff import plugin, preflight
+    from mergekit_sigmoid_diff.plan import each_step
 
     plugin.activate()
     config = load_recipe(recipe)
     options = options if options is not None else MergeOptions(quiet=quiet)
     with plugin.checked(config, options) as ok:
         planned = preflight.planned_merges(config, ok.options)
-        task_type = _report_task_type()
-        results = {
-            task.merge.output_weight.name: report
-            for task, report in Executor(targets=[task_type(merge=step) for step in planned]).run(
-                quiet=ok.options.quiet, desc="Inspecting tensors"
-            )
-        }
+        results = each_step(planned, _report, quiet=ok.options.quiet, desc="Inspecting tensors")
     ordered = [(step.output_weight.name, results[step.output_weight.name]) for step in planned]
     return [r for _, r in ordered if r is not None], [name for name, r in ordered if r is None]
 

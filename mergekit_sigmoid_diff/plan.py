@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -210,3 +210,30 @@ def step_roles(merge: Any) -> tuple[Any, Any, list[tuple[Any, float]]]:
     parameters = [merge.input_parameters[m] for m in models]
     target, donors = split_roles(models, [p[ROLE] for p in parameters], [p["weight"] for p in parameters])
     return base, target, donors
+
+
+def each_step(steps: Sequence[Any], work: Callable[[Any, dict], Any], *, quiet: bool, desc: str) -> dict[str, Any]:
+    """``work(step, tensors)`` on every planned merge step (mergekit's ``ExecuteMergeMethodTask``),
+    given the tensors mergekit gathers for that step and streamed through mergekit's ``Executor`` as
+    a merge streams them: {output tensor name: result}. ``inspect`` and ``sweep`` read steps here."""
+    from mergekit.graph import Executor, Task
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    class StepTask(Task[Any]):
+        merge: ExecuteMergeMethodTask
+        work: Callable[[Any, dict], Any]
+
+        def arguments(self) -> dict[str, Task]:
+            return {"tensors": self.merge.gather_tensors}
+
+        def group_label(self) -> Optional[str]:
+            return self.merge.group_label()
+
+        def uses_accelerator(self) -> bool:
+            return False
+
+        def execute(self, tensors: dict) -> Any:
+            return self.work(self.merge, tensors)
+
+    tasks = [StepTask(merge=step, work=work) for step in steps]
+    return {task.merge.output_weight.name: result for task, result in Executor(targets=tasks).run(quiet=quiet, desc=desc)}

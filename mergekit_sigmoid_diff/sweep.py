@@ -401,10 +401,20 @@ class Sweep:
 
 def _statistics_stamps(recipe: Mapping[str, Any]) -> list:
     """Size and mtime of the statistics files a data-aware recipe names (part of its points' keys)."""
+    parameters = recipe.get("parameters") or {}
+    return statistics_stamps({k: v for k, v in parameters.items() if k in STATISTICS_KEYS and isinstance(v, str)})
+
+
+STATISTICS_KEYS = ("target_statistics", "donor_statistics")
+
+
+def statistics_stamps(files: Mapping[str, Any]) -> list:
+    """[[parameter, size, mtime_ns], ...] of the statistics files by parameter name (those that
+    exist, in :data:`STATISTICS_KEYS` order): what a score keyed by them depends on."""
     out = []
-    for key in ("target_statistics", "donor_statistics"):
-        value = (recipe.get("parameters") or {}).get(key)
-        if isinstance(value, str) and Path(value).is_file():
+    for key in STATISTICS_KEYS:
+        value = files.get(key)
+        if value is not None and Path(value).is_file():
             status = Path(value).stat()
             out.append([key, status.st_size, status.st_mtime_ns])
     return out

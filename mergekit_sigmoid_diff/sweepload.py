@@ -112,58 +112,38 @@ def dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
     return dtype_from_name(name)
 
 
-def _prepare_task_type():
-    """A mergekit task that turns one planned merge step into an :class:`Entry` (as
-    :mod:`.inspection` turns it into a report: the same gathered tensors the method gets)."""
-    from mergekit.graph import Task
-    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-
+def _prepare(merge: Any, tensors: dict, save_dtype: Optional[str]) -> Entry:
+    """One planned merge step (mergekit's ``ExecuteMergeMethodTask``) as an :class:`Entry`, from
+    the tensors mergekit gathers for it (:func:`.plan.each_step`, as ``inspect`` reads a step)."""
     from mergekit_sigmoid_diff import kernel, prepared
     from mergekit_sigmoid_diff.plan import step_roles
 
-    class PrepareTask(Task[Optional[Entry]]):
-        merge: ExecuteMergeMethodTask
-        save_dtype: Optional[str] = None
-
-        def arguments(self) -> dict[str, Task]:
-            return {"tensors": self.merge.gather_tensors}
-
-        def group_label(self) -> Optional[str]:
-            return self.merge.group_label()
-
-        def uses_accelerator(self) -> bool:
-            return False
-
-        def execute(self, tensors: dict) -> Optional[Entry]:
-            merge = self.merge
-            name = merge.output_weight.name
-            base, target, donors = step_roles(merge)
-            (donor, _), = donors
-            if any(m not in tensors for m in (base, target, donor)):
-                raise SigmoidDiffError(f"sweep: tensor {name} is missing from one of the models (mergekit would pass it through)")
-            if not tensors[base].is_floating_point():
-                raise SigmoidDiffError(f"sweep: tensor {name} is not floating point")
-            dtype = dtype_of(merge.dtype)
-            if dtype is None:  # mergekit promotes the group's dtypes (merge_methods.dtype)
-                dtype = tensors[base].dtype
-                for m in (target, donor):
-                    dtype = torch.promote_types(dtype, tensors[m].dtype)
-            b, t, i = (tensors[m].to(dtype) for m in (base, target, donor))
-            parameters = dict(merge.parameters.items())
-            settings = kernel.GateSettings.from_parameters(parameters)
-            vocabulary = merge.output_weight.vocabulary_axis is not None
-            solve = _data_solve(name, tuple(t.shape), parameters) if settings.mode(t.dim(), vocabulary) == "data" else None
-            entry = prepared.prepare(b, t, i, settings, vocabulary=vocabulary, solve=solve)
-            flat = entry.diff.reshape(-1)
-            target_flat = entry.target.reshape(-1).to(flat.dtype)
-            energy, target_dot = float(torch.dot(flat, flat)), float(torch.dot(target_flat, flat))
-            if not (math.isfinite(energy) and math.isfinite(target_dot)):  # NaN and Inf reach the sums
-                which = f"target {target}" if not bool(torch.isfinite(entry.target).all()) else f"donor {donor} or base {base}"
-                raise SigmoidDiffError(f"sweep: tensor {name} of {which} holds NaN or Inf (or overflows)")
-            casts = tuple(d for d in (dtype_of(merge.out_dtype), dtype_of(self.save_dtype)) if d is not None)
-            return Entry(name, entry, casts, energy=energy, target_dot=target_dot)
-
-    return PrepareTask
+    name = merge.output_weight.name
+    base, target, donors = step_roles(merge)
+    (donor, _), = donors
+    if any(m not in tensors for m in (base, target, donor)):
+        raise SigmoidDiffError(f"sweep: tensor {name} is missing from one of the models (mergekit would pass it through)")
+    if not tensors[base].is_floating_point():
+        raise SigmoidDiffError(f"sweep: tensor {name} is not floating point")
+    dtype = dtype_of(merge.dtype)
+    if dtype is None:  # mergekit promotes the group's dtypes (merge_methods.dtype)
+        dtype = tensors[base].dtype
+        for m in (target, donor):
+            dtype = torch.promote_types(dtype, tensors[m].dtype)
+    b, t, i = (tensors[m].to(dtype) for m in (base, target, donor))
+    parameters = dict(merge.parameters.items())
+    settings = kernel.GateSettings.from_parameters(parameters)
+    vocabulary = merge.output_weight.vocabulary_axis is not None
+    solve = _data_solve(name, tuple(t.shape), parameters) if settings.mode(t.dim(), vocabulary) == "data" else None
+    entry = prepared.prepare(b, t, i, settings, vocabulary=vocabulary, solve=solve)
+    flat = entry.diff.reshape(-1)
+    target_flat = entry.target.reshape(-1).to(flat.dtype)
+    energy, target_dot = float(torch.dot(flat, flat)), float(torch.dot(target_flat, flat))
+    if not (math.isfinite(energy) and math.isfinite(target_dot)):  # NaN and Inf reach the sums
+        which = f"target {target}" if not bool(torch.isfinite(entry.target).all()) else f"donor {donor} or base {base}"
+        raise SigmoidDiffError(f"sweep: tensor {name} of {which} holds NaN or Inf (or overflows)")
+    casts = tuple(d for d in (dtype_of(merge.out_dtype), dtype_of(save_dtype)) if d is not None)
+    return Entry(name, entry, casts, energy=energy, target_dot=target_dot)
 
 
 def _data_solve(name: str, shape: tuple, parameters: dict[str, Any]) -> Any:
@@ -208,14 +188,14 @@ def load(config: Any, options: Any, planned: Sequence[Any], weights: Mapping[flo
     """Read and prepare every planned tensor of ``config`` (inside the merge's checks) and build
     the working model. ``weights``: per sweep weight, the planned steps of the recipe at that
     weight (its per-tensor donor weights), or None when the weight is that number everywhere."""
-    from mergekit.graph import Executor
-
     from mergekit_sigmoid_diff import plugin
+    from mergekit_sigmoid_diff.plan import each_step
 
-    task_type = _prepare_task_type()
+    def work(step: Any, tensors: dict) -> Entry:
+        return _prepare(step, tensors, step.output_weight.force_dtype or config.out_dtype)
+
     with plugin.checked(config, options) as ok:
-        tasks = [task_type(merge=step, save_dtype=step.output_weight.force_dtype or config.out_dtype) for step in planned]
-        by_name = {e.name: e for _, e in Executor(targets=tasks).run(quiet=quiet or ok.options.quiet, desc="Preparing tensors")}
+        by_name = each_step(planned, work, quiet=quiet or ok.options.quiet, desc="Preparing tensors")
     from mergekit.io.tasks import LoaderCache
 
     LoaderCache().flush_all()  # close the input files: their mapped pages leave memory

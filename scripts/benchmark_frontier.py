@@ -39,7 +39,8 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
@@ -49,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import alllayers, baselines, calibration, real  # noqa: E402
 
 from mergekit_sigmoid_diff import codekey, frontier, mainjob, scoring, smollm2  # noqa: E402
+from mergekit_sigmoid_diff import sweep as sweep_module  # noqa: E402
+from mergekit_sigmoid_diff.errors import SigmoidDiffError  # noqa: E402
 from mergekit_sigmoid_diff.sweep import Axes, Sweep, SweepSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,11 +137,39 @@ BASELINE_CODE = hashlib.sha256(inspect.getsource(baselines).encode()).hexdigest(
 SWEEP_CODE = codekey.code_key(*codekey.package_sources("sweepload"))  # how the sweep reaches the merge (part of its keys)
 
 
-def fresh(runs: list[dict[str, Any]], merge_key: str, sweep_code: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(runs made by today's merge code, stale runs): a stale run is reported as such and rerun,
-    never mixed into the tables. A run without a ``sweep_code`` is judged by its merge key."""
-    ok = [r for r in runs if r.get("merge_key") == merge_key
-          and (sweep_code is None or r.get("sweep_code") in (None, sweep_code))]
+@dataclass(frozen=True)
+class Keys:
+    """What a run's rows depend on, each recorded in the run: ``merge_key`` (the merge math),
+    ``sweep_code`` (how the sweep reaches it), ``baseline_code`` (the baselines' formulas) and, per
+    case, ``score_key`` (the scoring code and the evaluation items: :func:`case_score_key`). A run
+    is current only when every key given here matches its own; a key left None is not checked."""
+
+    merge_key: str
+    sweep_code: str | None = None
+    baseline_code: str | None = None
+    score_keys: Mapping[str, str] | None = None  # by case
+
+    def current(self, run: dict[str, Any]) -> bool:
+        return (run.get("merge_key") == self.merge_key
+                and (self.sweep_code is None or run.get("sweep_code") == self.sweep_code)
+                and (self.baseline_code is None or run.get("baseline_code") == self.baseline_code)
+                and (self.score_keys is None or run.get("score_key") == self.score_keys.get(run["case"])))
+
+
+def case_score_key(case: str, tokenizer) -> str:
+    """What a case's scores depend on: the scoring code and its probe's items (:func:`probe_and_axes`)."""
+    return scoring.score_key(probe_and_axes(case, tokenizer)[0])
+
+
+def today(tokenizer, cases: list[str]) -> Keys:
+    """Today's keys, for ``cases``."""
+    return Keys(codekey.merge_key(), SWEEP_CODE, BASELINE_CODE, {case: case_score_key(case, tokenizer) for case in cases})
+
+
+def fresh(runs: list[dict[str, Any]], keys: Keys) -> tuple[list[dict], list[dict]]:
+    """(current runs, stale runs) by :meth:`Keys.current`: a stale run is reported as such and
+    rerun, never mixed into the tables."""
+    ok = [r for r in runs if keys.current(r)]
     return ok, [r for r in runs if r not in ok]
 
 
@@ -149,10 +180,21 @@ class NoPoint(Exception):
 class Baselines:
     """The baselines' points, applied into the sweep's working model and scored there."""
 
-    def __init__(self, sweep: Sweep, grams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None):
+    def __init__(self, sweep: Sweep, statistics: dict[str, Path] | None):
+        """``statistics``: the files RegMean's and AIM's Grams come from ({"target": …, "donor": …};
+        None when no data-aware family runs); their stamps are part of those families' keys."""
         self.sweep = sweep
-        self.grams = grams
+        self.statistics = statistics
+        self.stamps = (sweep_module.statistics_stamps({f"{k}_statistics": v for k, v in statistics.items()})
+                       if statistics else None)
         self._inputs: tuple | None = None
+        self._grams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def grams(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """RegMean's and AIM's Grams, read from the statistics files once (on the first point not cached)."""
+        if self._grams is None:
+            self._grams = grams_for(self.statistics)
+        return self._grams
 
     def inputs(self) -> tuple:
         """B, T and I as full tensors, read once per case and seed (the sweep keeps prepared diffs,
@@ -165,15 +207,19 @@ class Baselines:
     def score(self, family: str, scale: float) -> dict[str, Any]:
         s = self.sweep
         sets = s.axes.point_sets()
+        data_aware = family in baselines.DATA_AWARE
+        if data_aware and not self.statistics:
+            raise SigmoidDiffError(f"{family} needs statistics files: the Baselines engine was given none")
         key = hashlib.sha256(json.dumps({"baseline": family, "scale": scale, "code": BASELINE_CODE,
                                          "stamps": s.models.stamps, "score": scoring.score_key(s.probe.only(*sets)),
+                                         "statistics": self.stamps if data_aware else None,
                                          "exclude": EXCLUDE}, sort_keys=True).encode()).hexdigest()[:24]
         cached = s.cache.get(key)
         if cached is not None:
             return cached
         b, t, i = self.inputs()
         try:
-            merged = baselines.apply(family, b, t, i, scale, grams=self.grams if family in baselines.DATA_AWARE else None,
+            merged = baselines.apply(family, b, t, i, scale, grams=self.grams() if data_aware else None,
                                      exclude=EXCLUDE)
         except torch.linalg.LinAlgError as error:  # LAPACK's SVD fails on nearly repeated singular values
             raise NoPoint(f"{family} s={scale:g}: {str(error).splitlines()[0].split(' because')[0]}") from None
@@ -297,7 +343,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
         inputs = {k[1]: r for k, r in result.rows.items() if k[0] == "input"}
     failures: list[str] = []
     needs_grams = any(f in baselines.DATA_AWARE for f in families)
-    engine = Baselines(sweep, grams_for(statistics_for(OWN)) if needs_grams else None)
+    engine = Baselines(sweep, statistics_for(OWN) if needs_grams else None)
     for family in families:
         if family in baselines.FAMILIES:
             started = time.perf_counter()
@@ -356,7 +402,8 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             out_points.append(record)
     return {"case": case, "seed": seed, "axes": {"knowledge": axes.knowledge, "feature": axes.feature, "both": both},
             "items": probe.sizes(), "stamps": sweep.models.stamps, "merge_key": codekey.merge_key(),
-            "sweep_code": SWEEP_CODE, "baseline_code": BASELINE_CODE, "lambdas": lams,
+            "sweep_code": SWEEP_CODE, "baseline_code": BASELINE_CODE, "score_key": scoring.score_key(probe),
+            "lambdas": lams,
             "inputs": {k: {n: v for n, v in r.items() if n != "items" and n.endswith("_nll")} for k, r in inputs.items()},
             "task_arithmetic": [{"lambda": lam, "feature": ta_rows[lam][f"{axes.feature}_nll"],
                                  "knowledge": ta_rows[lam][f"{axes.knowledge}_nll"],
@@ -392,11 +439,11 @@ def _gap(r: dict[str, Any]) -> str:
     return f"{'≥ ' if not r['gap_exact'] else ''}{r['gap_closed']:+.2f}{ci}"
 
 
-def glance(document: dict[str, Any], merge_key: str, families: list[str] | None = None) -> str:
+def glance(document: dict[str, Any], keys: Keys, families: list[str] | None = None) -> str:
     """README's table: per family and case, each seed's best ``gap_closed`` (≥ a bound, n/a, † at
     the edge of what was tried) and the verdict over the seeds; the same numbers as frontier.md,
     from the same runs."""
-    runs, _ = fresh(document["runs"], merge_key)
+    runs, _ = fresh(document["runs"], keys)
     cases = list(dict.fromkeys(r["case"] for r in runs))
     families = families or list(dict.fromkeys(p["family"] for r in runs for p in r["points"]))
     lines = ["| setting | " + " | ".join(cases) + " |", "|---|" + "---|" * len(cases)]
@@ -418,13 +465,14 @@ def glance(document: dict[str, Any], merge_key: str, families: list[str] | None 
     return "\n".join(lines) + "\n"
 
 
-def markdown(document: dict[str, Any], merge_key: str | None = None) -> str:
+def markdown(document: dict[str, Any], keys: Keys | None = None) -> str:
     """frontier.md: per case, each family at its best point per seed, with its interval and the
-    verdict over the seeds (:func:`mergekit_sigmoid_diff.frontier.verdict`). Only runs of
-    ``merge_key`` (default: the first run's) are shown; stale runs are named, not used."""
+    verdict over the seeds (:func:`mergekit_sigmoid_diff.frontier.verdict`). Only runs current
+    under ``keys`` (default: the first run's merge key) are shown; stale runs are named, not used."""
     all_runs = document["runs"]
-    key = merge_key or (all_runs[0]["merge_key"] if all_runs else "")
-    runs, stale = fresh(all_runs, key)
+    keys = keys or Keys(all_runs[0]["merge_key"] if all_runs else "")
+    key = keys.merge_key
+    runs, stale = fresh(all_runs, keys)
     commands = list(dict.fromkeys(r.get("command") or document.get("command", "") for r in runs))
     seconds = [r["seconds"] for r in runs if r.get("seconds") is not None]
     stale_names = ", ".join(f"{r['case']} seed {r['seed']}" for r in stale)
@@ -434,7 +482,8 @@ def markdown(document: dict[str, Any], merge_key: str | None = None) -> str:
     lines = ["# The frontier suite: in-memory points, refined λ grid, paired bootstrap", "",
              "Commands: " + "; ".join(f"`{c}`" for c in commands) + f". Merge code `{key}`"
              + (f", sweep code `{'`, `'.join(codes)}`" if codes else "") + "." + cost + " "
-             + (f"**Stale runs left out** (another merge code; rerun them): {stale_names}. " if stale else "")
+             + (f"**Stale runs left out** (another merge, sweep, baseline or score key; rerun them): {stale_names}. "
+                if stale else "")
              + (f"{document['note']} " if document.get("note") else "")
              + "Every row below was computed by this code on these models (each run records the models' stamps "
              "in `frontier.json`). `gap_closed` = share of task_arithmetic's knowledge loss avoided at the "
@@ -512,8 +561,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     results_path = args.out / "frontier.json"
     document = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
+    keys = today(tokenizer, list(dict.fromkeys([*args.cases, *(r["case"] for r in document["runs"])])))
     if args.report_only:
-        (args.out / "frontier.md").write_text(markdown(document, codekey.merge_key()))
+        (args.out / "frontier.md").write_text(markdown(document, keys))
         return
     if args.statistics_only:
         for case in args.cases:
@@ -533,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
             document["command"] = run["command"]
             args.out.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
-            (args.out / "frontier.md").write_text(markdown(document, codekey.merge_key()))
+            (args.out / "frontier.md").write_text(markdown(document, keys))
             log(f"{case} seed {seed}: written")
             for family in dict.fromkeys(p["family"] for p in run["points"]):
                 b = best([p for p in run["points"] if p["family"] == family])

