@@ -35,11 +35,12 @@ import argparse
 import hashlib
 import inspect
 import json
+import os
 import shlex
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -173,6 +174,31 @@ def fresh(runs: list[dict[str, Any]], keys: Keys) -> tuple[list[dict], list[dict
     return ok, [r for r in runs if r not in ok]
 
 
+class Ledger:
+    """The wall time spent on one case and seed, per invocation, in ``ledger.json`` beside its score
+    cache: each invocation rewrites its own entry after every family, so an invocation that is
+    killed keeps the time up to its last finished family. Their sum is the run's cold cost (the
+    cache and the ledger start empty together, in the same folder)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / "ledger.json"
+        self.name = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}"
+        self.began = time.perf_counter()
+
+    def entries(self) -> dict[str, float]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def touch(self) -> None:
+        entries = {**self.entries(), self.name: round(time.perf_counter() - self.began, 1)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(entries, indent=1) + "\n")
+        partial.replace(self.path)
+
+    def total(self) -> float:
+        return round(sum(self.entries().values()), 1)
+
+
 class NoPoint(Exception):
     """A baseline that cannot be computed at a scale (reported with the run, never a score)."""
 
@@ -301,6 +327,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
              bootstrap: int, scales: tuple[float, ...] = BASELINE_SCALES) -> dict[str, Any]:
     target, donor = case_models(case, seed, workdir, base)
     folder = workdir / "frontier" / f"{case}-seed{seed}"
+    ledger = Ledger(folder)
     probe, axes = probe_and_axes(case, tokenizer)
     files: dict[Statistics, dict[str, Path]] = {}
 
@@ -333,6 +360,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             weights = wider(sweep, inputs, ta_rows, dict(zip(weights, (r for _, r in points[family]))), weights,
                             len(weights) - len(first))
         log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s ({sweep.timing})")
+        ledger.touch()
     if sweep is None:  # baselines only: a sweep of the recommended recipe provides the engine and the grid
         family, parameters, weights, _ = SETTINGS[0]
         recipe = write_recipe(folder / "recipes" / "engine.yml", base, target, donor, parameters)
@@ -362,6 +390,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             if rows:
                 points[family] = [(f"s={s:g}", rows[s]) for s in tried if s in rows]
             log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s")
+            ledger.touch()
     # one curve for every family: T, the grid and every refined λ; then refine around each point
     curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
 
@@ -379,6 +408,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
     sweep_items = [(lam, sweep.items(ta_rows[lam])) for lam in lams]
     merges = {f"{family} {label}": sweep.items(row) for family, rows in points.items() for label, row in rows}
     intervals = frontier.bootstrap_gaps(target_items, sweep_items, merges, resamples=bootstrap, seed=seed)
+    ledger.touch()
     both = axes.both
     both_curve = None
     if both:
@@ -408,7 +438,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             "task_arithmetic": [{"lambda": lam, "feature": ta_rows[lam][f"{axes.feature}_nll"],
                                  "knowledge": ta_rows[lam][f"{axes.knowledge}_nll"],
                                  **({"both": ta_rows[lam][f"{both}_nll"]} if both else {})} for lam in lams],
-            "points": out_points, "no_point": failures}
+            "points": out_points, "no_point": failures, "cold_seconds": ledger.total(), "invocations": ledger.entries()}
 
 
 def best(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -475,10 +505,14 @@ def markdown(document: dict[str, Any], keys: Keys | None = None) -> str:
     runs, stale = fresh(all_runs, keys)
     commands = list(dict.fromkeys(r.get("command") or document.get("command", "") for r in runs))
     seconds = [r["seconds"] for r in runs if r.get("seconds") is not None]
+    cold = [r["cold_seconds"] for r in runs if r.get("cold_seconds") is not None]
     stale_names = ", ".join(f"{r['case']} seed {r['seed']}" for r in stale)
     codes = sorted({r["sweep_code"] for r in runs if r.get("sweep_code")})
     cost = (f" Wall time of the runs that record it: {sum(seconds) / 60:.0f} min over {len(seconds)} case-seeds "
             f"(1 thread each, two at a time on 2 cores)." if seconds else "")
+    if cold:
+        cost += (f" Cold cost (every invocation of each case-seed since its cache was empty, a stopped one up to its "
+                 f"last finished family; `cold_seconds` per run): {sum(cold) / 3600:.1f} h over {len(cold)} case-seeds.")
     lines = ["# The frontier suite: in-memory points, refined λ grid, paired bootstrap", "",
              "Commands: " + "; ".join(f"`{c}`" for c in commands) + f". Merge code `{key}`"
              + (f", sweep code `{'`, `'.join(codes)}`" if codes else "") + "." + cost + " "

@@ -183,3 +183,27 @@ def test_a_data_aware_baseline_without_statistics_is_refused():
 
     with pytest.raises(SigmoidDiffError, match="^RegMean needs statistics files"):
         _engine(None).score("RegMean", 1.0)
+
+
+def test_the_ledger_sums_every_invocation_a_stopped_one_up_to_its_last_family(tmp_path, monkeypatch):
+    clock = iter([100.0, 130.0, 160.0, 1000.0, 1045.0])  # perf_counter readings, in call order
+    monkeypatch.setattr(bf.time, "perf_counter", lambda: next(clock))
+    first = bf.Ledger(tmp_path / "case-seed0")  # began at 100
+    first.touch()  # a family done at 130
+    first.touch()  # another at 160: then the invocation is killed
+    second = bf.Ledger(tmp_path / "case-seed0")  # the rerun: began at 1000
+    second.name += " (rerun)"  # two invocations in the same second of one process
+    second.touch()  # done at 1045
+    assert first.entries() == {first.name: 60.0, second.name: 45.0}
+    assert second.total() == 105.0
+    assert not (tmp_path / "case-seed0" / "ledger.partial").exists()
+
+
+def test_the_header_gives_the_cold_cost_from_the_runs_ledgers():
+    a = run(0, [point("ours", "w=1", 0.4, lo=0.3, hi=0.5, se=0.05)])
+    b = run(1, [point("ours", "w=1", 0.5, lo=0.4, hi=0.6, se=0.05)])
+    a.update(seconds=600.0, cold_seconds=5400.0)
+    b.update(seconds=60.0, cold_seconds=1800.0)
+    text = bf.markdown({"runs": [a, b]})
+    assert "11 min over 2 case-seeds" in text and "2.0 h over 2 case-seeds" in text
+    assert "Cold cost" not in bf.markdown({"runs": [run(0, [point("ours", "w=1", 0.4)])]})
