@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import yaml
@@ -291,13 +291,32 @@ def widen(values: tuple[float, ...], gaps: dict[float, float | None],
     return None
 
 
+def refined_curve(sweep: Sweep, inputs: dict, ta_rows: dict, rows: Iterable[dict]) -> frontier.Curve:
+    """task_arithmetic's curve (T and ``ta_rows``), refined around each of ``rows``' points until
+    a halving moves its gap by < 0.02 (:func:`mergekit_sigmoid_diff.frontier.refine`, at most 8
+    λ each); every λ scored joins ``ta_rows``, so later refinements read it from there."""
+    grid_max = max(SweepSettings().grid())
+
+    def measure(lam: float) -> frontier.Point:
+        if lam not in ta_rows:
+            ta_rows[lam] = sweep.score("task_arithmetic", lam, f"task_arithmetic λ={lam:g}")
+        return sweep.point(ta_rows[lam], lam)
+
+    curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
+    for row in rows:
+        p = sweep.point(row, 0.0)
+        curve = frontier.refine(measure, curve, p.feature, p.knowledge, max_evaluations=8, max_lambda=grid_max).curve
+    return curve
+
+
 def wider(sweep: Sweep, inputs: dict, ta_rows: dict, rows: dict[float, dict], values: tuple[float, ...],
           steps: int) -> tuple[float, ...] | None:
-    """:func:`widen` on the family's gaps against task_arithmetic's grid so far (refined later);
-    None once :data:`WIDEN_STEPS` steps were added."""
+    """:func:`widen` on the family's gaps against task_arithmetic's curve refined around the
+    family's points (as the report reads them: a best point that only the refinement moves to
+    an edge is widened too); None once :data:`WIDEN_STEPS` steps were added."""
     if steps >= WIDEN_STEPS:
         return None
-    curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
+    curve = refined_curve(sweep, inputs, ta_rows, rows.values())
     gaps = {}
     for value, row in rows.items():
         p = sweep.point(row, 0.0)
@@ -392,17 +411,7 @@ def run_case(case: str, seed: int, families: list[str], workdir: Path, base: Pat
             log(f"{case} seed {seed}: {family}: {time.perf_counter() - started:.0f} s")
             ledger.touch()
     # one curve for every family: T, the grid and every refined λ; then refine around each point
-    curve = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
-
-    def measure(lam: float) -> frontier.Point:
-        ta_rows[lam] = sweep.score("task_arithmetic", lam, f"task_arithmetic λ={lam:g}")
-        return sweep.point(ta_rows[lam], lam)
-
-    grid_max = max(SweepSettings().grid())
-    for family, rows in points.items():
-        for _, row in rows:
-            p = sweep.point(row, 0.0)
-            curve = frontier.refine(measure, curve, p.feature, p.knowledge, max_evaluations=8, max_lambda=grid_max).curve
+    curve = refined_curve(sweep, inputs, ta_rows, (row for rows in points.values() for _, row in rows))
     lams = sorted({p.lam for p in curve.points[1:]})
     target_items = sweep.items(inputs["T"])
     sweep_items = [(lam, sweep.items(ta_rows[lam])) for lam in lams]

@@ -207,3 +207,44 @@ def test_the_header_gives_the_cold_cost_from_the_runs_ledgers():
     text = bf.markdown({"runs": [a, b]})
     assert "11 min over 2 case-seeds" in text and "2.0 h over 2 case-seeds" in text
     assert "Cold cost" not in bf.markdown({"runs": [run(0, [point("ours", "w=1", 0.4)])]})
+
+
+class _FakeSweep:
+    """task_arithmetic with feature 10·e^(−3λ) and knowledge λ² (T: λ = 0); rows are {"f", "k"}."""
+
+    def __init__(self):
+        self.scored: list[float] = []
+
+    @staticmethod
+    def row(lam: float) -> dict:
+        import math
+
+        return {"f": 10 * math.exp(-3 * lam), "k": lam * lam}
+
+    def point(self, row, lam):
+        from mergekit_sigmoid_diff import frontier
+
+        return frontier.Point(lam, row["f"], row["k"])
+
+    def score(self, kind, lam, name):
+        assert kind == "task_arithmetic"
+        self.scored.append(lam)
+        return self.row(lam)
+
+
+def test_a_best_point_that_only_the_refined_curve_puts_at_the_edge_is_widened():
+    # Coarse grid λ = 1, 2: its chords lie far above the convex curve between them, so the
+    # point mid-bracket (weight 1) looks best (0.48) against it; refined, the point on the grid's
+    # own feature (weight 1.5, gap 0.30 either way) is best, and it is the family's largest weight.
+    from mergekit_sigmoid_diff import frontier
+
+    sweep = _FakeSweep()
+    ta_rows = {1.0: sweep.row(1.0), 2.0: sweep.row(2.0)}
+    inputs = {"T": sweep.row(0.0)}
+    rows = {0.5: {"f": 0.9, "k": 0.6}, 1.0: {"f": 0.26, "k": 1.3}, 1.5: {"f": sweep.row(2.0)["f"], "k": 2.8}}
+    coarse = frontier.Curve.of(sweep.point(inputs["T"], 0.0), [sweep.point(r, lam) for lam, r in ta_rows.items()])
+    coarse_gaps = {v: frontier.gap(coarse, r["f"], r["k"]).value for v, r in rows.items()}
+    assert max(coarse_gaps, key=coarse_gaps.get) == 1.0 and bf.widen((0.5, 1.0, 1.5), coarse_gaps) is None
+    assert bf.wider(sweep, inputs, ta_rows, rows, (0.5, 1.0, 1.5), 0) == (0.5, 1.0, 1.5, 2.0)
+    assert sweep.scored and set(sweep.scored) <= set(ta_rows)  # the refinement's λ joined the grid
+    assert bf.wider(sweep, inputs, ta_rows, rows, (0.5, 1.0, 1.5), bf.WIDEN_STEPS) is None  # no steps left
