@@ -399,13 +399,13 @@ class Sweep:
         return Result(self, rows, curve, sorted(set(added)))
 
 
+STATISTICS_KEYS = ("target_statistics", "donor_statistics")
+
+
 def _statistics_stamps(recipe: Mapping[str, Any]) -> list:
     """Size and mtime of the statistics files a data-aware recipe names (part of its points' keys)."""
     parameters = recipe.get("parameters") or {}
     return statistics_stamps({k: v for k, v in parameters.items() if k in STATISTICS_KEYS and isinstance(v, str)})
-
-
-STATISTICS_KEYS = ("target_statistics", "donor_statistics")
 
 
 def statistics_stamps(files: Mapping[str, Any]) -> list:

@@ -151,21 +151,18 @@ def main(argv: list[str] | None = None) -> Path:
     rng = random.Random(args.seed)
 
     base_model = load_model(base)
+    heldout = clock.run("heldout", lambda: heldout_set(tokenizer, base_model, settings["reply_tokens"], test_q),
+                        "held-out set (Shakespeare windows, B's replies)")
+    out.mkdir(parents=True, exist_ok=True)
     if args.heldout_only:
-        heldout = clock.run("heldout", lambda: heldout_set(tokenizer, base_model, settings["reply_tokens"], test_q),
-                            "held-out set (Shakespeare windows, B's replies)")
-        out.mkdir(parents=True, exist_ok=True)
         write_heldout(out, heldout)
         print(f"wrote {out / mainjob.HELDOUT_FILE}: {len(heldout['shakespeare_ids'])} windows, "
               f"{len(heldout['questions'])} questions; {clock.total():.0f} s", flush=True)
         return out
     replies = clock.run("replies", lambda: greedy_replies(base_model, tokenizer, train_q, settings["reply_tokens"]),
                         f"B's greedy replies to {len(train_q)} training questions")
-    heldout = clock.run("heldout", lambda: heldout_set(tokenizer, base_model, settings["reply_tokens"], test_q),
-                        "held-out set (Shakespeare windows, B's replies)")
     base_model = None  # free it before training
 
-    out.mkdir(parents=True, exist_ok=True)
     windows = play_windows(tokenizer, TRAIN_PLAYS)
     model = lora_model(base, settings, args.seed)
     target_batch = lambda _step: [(w, w) for w in rng.sample(windows, settings["batch"])]  # noqa: E731

@@ -155,7 +155,7 @@ def _engine(statistics):
 
     from mergekit_sigmoid_diff import scoring
 
-    probe = scoring.Probe({"k": scoring.ItemSet(((([1, 2], [-100, 2])),)), "f": scoring.ItemSet(((([1, 3], [-100, 3])),))}, 0)
+    probe = scoring.Probe({"k": scoring.ItemSet((([1, 2], [-100, 2]),)), "f": scoring.ItemSet((([1, 3], [-100, 3]),))}, 0)
     axes = SimpleNamespace(point_sets=lambda: ("k", "f"))
     sweep = SimpleNamespace(axes=axes, probe=probe, models=SimpleNamespace(stamps={"B": 1, "T": 2, "I": 3}), cache=_Cache())
     return bf.Baselines(sweep, statistics)

@@ -88,6 +88,22 @@ def test_train_script_quick_writes_loadable_adapters(tmp_path):
         base = model.unload()
 
 
+@needs_real
+@needs_shakespeare
+def test_train_script_heldout_only_reproduces_the_shipped_heldout_set(tmp_path):
+    # the shipped heldout.json was written by --heldout-only: rerunning it gives the same bytes
+    # (windows of the unseen plays, the held-out questions, B's greedy replies), and no adapter
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train_adapters.py"), "--heldout-only", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = tmp_path / mainjob.HELDOUT_FILE
+    assert written.read_bytes() == (mainjob.ADAPTERS / mainjob.HELDOUT_FILE).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mainjob.HELDOUT_FILE]
+    both = subprocess.run([sys.executable, str(REPO / "scripts" / "train_adapters.py"), "--heldout-only", "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert both.returncode == 2 and "--quick and --heldout-only do not go together" in both.stderr
+
+
 @pytest.fixture(scope="module")
 def quick_job(tmp_path_factory):
     if _real_missing:
