@@ -504,6 +504,21 @@ def glance(document: dict[str, Any], keys: Keys, families: list[str] | None = No
     return "\n".join(lines) + "\n"
 
 
+def combine(document: dict[str, Any], parts: Iterable[dict[str, Any]], note: str | None = None) -> dict[str, Any]:
+    """``document`` with the runs of ``parts`` (the ``frontier.json`` of several ``--out`` folders,
+    e.g. two jobs run side by side): a later part's run replaces an earlier one's for the same case
+    and seed. ``note`` (a sentence for frontier.md's header) replaces the document's; "" drops it."""
+    runs = {(r["case"], r["seed"]): r for r in document.get("runs", [])}
+    for part in parts:
+        runs.update({(r["case"], r["seed"]): r for r in part.get("runs", [])})
+    out = {**document, "runs": list(runs.values())}
+    if note is not None:
+        out.pop("note", None)
+        if note:
+            out["note"] = note
+    return out
+
+
 def markdown(document: dict[str, Any], keys: Keys | None = None) -> str:
     """frontier.md: per case, each family at its best point per seed, with its interval and the
     verdict over the seeds (:func:`mergekit_sigmoid_diff.frontier.verdict`). Only runs current
@@ -587,6 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite frontier.md from frontier.json")
     parser.add_argument("--statistics-only", action="store_true",
                         help="make or check current the statistics files the families read, and score nothing")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="FOLDER",
+                        help="score nothing: add the runs of these folders' frontier.json to --out's "
+                             "(a later folder's run replaces an earlier one's for the same case and seed)")
+    parser.add_argument("--note", default=None, help="with --combine: a sentence for frontier.md's header ('' drops it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = (args.workdir or smollm2.cache_root() / "real_suite").absolute()
@@ -605,7 +624,15 @@ def main(argv: list[str] | None = None) -> None:
     results_path = args.out / "frontier.json"
     document = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
     keys = today(tokenizer, list(dict.fromkeys([*args.cases, *(r["case"] for r in document["runs"])])))
-    if args.report_only:
+    if args.combine:
+        missing = [str(f / "frontier.json") for f in args.combine if not (f / "frontier.json").is_file()]
+        if missing:
+            raise SystemExit(f"--combine: no {missing[0]}")
+        document = combine(document, (json.loads((f / "frontier.json").read_text()) for f in args.combine), args.note)
+        keys = today(tokenizer, list(dict.fromkeys(r["case"] for r in document["runs"])))
+        args.out.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    if args.report_only or args.combine:
         (args.out / "frontier.md").write_text(markdown(document, keys))
         return
     if args.statistics_only:

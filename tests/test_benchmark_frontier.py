@@ -248,3 +248,13 @@ def test_a_best_point_that_only_the_refined_curve_puts_at_the_edge_is_widened():
     assert bf.wider(sweep, inputs, ta_rows, rows, (0.5, 1.0, 1.5), 0) == (0.5, 1.0, 1.5, 2.0)
     assert sweep.scored and set(sweep.scored) <= set(ta_rows)  # the refinement's λ joined the grid
     assert bf.wider(sweep, inputs, ta_rows, rows, (0.5, 1.0, 1.5), bf.WIDEN_STEPS) is None  # no steps left
+
+
+def test_combine_adds_each_folders_runs_and_a_later_one_replaces_the_same_case_and_seed():
+    first = {"runs": [run(0, [point("ours", "w=1", 0.4)]), run(1, [point("ours", "w=1", 0.5)])], "note": "old"}
+    a = {"runs": [run(1, [point("ours", "w=1", 0.6)])]}
+    b = {"runs": [run(1, [point("ours", "w=1", 0.7)]), run(2, [point("ours", "w=1", 0.8)])]}
+    out = bf.combine(first, [a, b], note="in progress")
+    assert [(r["seed"], r["points"][0]["gap_closed"]) for r in out["runs"]] == [(0, 0.4), (1, 0.7), (2, 0.8)]
+    assert out["note"] == "in progress" and first["note"] == "old" and len(first["runs"]) == 2
+    assert "note" not in bf.combine(first, [], note="") and bf.combine(first, [])["note"] == "old"
