@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_frontier  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from mergekit_sigmoid_diff import demo, mainjob, smollm2  # noqa: E402
+from mergekit_sigmoid_diff import codekey, demo, mainjob, smollm2  # noqa: E402
 from mergekit_sigmoid_diff.sweep import Sweep, SweepSettings, recipe_at  # noqa: E402
 
 
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                                    threads=args.threads)
         check = demo.compare(merged, sweep.transfer, args.weight)
     result = {"case": args.case, "seed": args.seed, "family": args.family, "weight": args.weight,
-              "threads": args.threads, **check}
+              "threads": args.threads, **check, "merge_key": codekey.merge_key(), "sweep_code": benchmark_frontier.SWEEP_CODE,
+              "stamps": sweep.models.stamps}
     print(json.dumps(result))
     if args.out:
         with args.out.open("a") as handle:
