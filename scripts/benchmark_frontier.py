@@ -623,15 +623,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     results_path = args.out / "frontier.json"
     document = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
-    keys = today(tokenizer, list(dict.fromkeys([*args.cases, *(r["case"] for r in document["runs"])])))
     if args.combine:
         missing = [str(f / "frontier.json") for f in args.combine if not (f / "frontier.json").is_file()]
         if missing:
             raise SystemExit(f"--combine: no {missing[0]}")
         document = combine(document, (json.loads((f / "frontier.json").read_text()) for f in args.combine), args.note)
-        keys = today(tokenizer, list(dict.fromkeys(r["case"] for r in document["runs"])))
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    keys = today(tokenizer, list(dict.fromkeys([*args.cases, *(r["case"] for r in document["runs"])])))
     if args.report_only or args.combine:
         (args.out / "frontier.md").write_text(markdown(document, keys))
         return
