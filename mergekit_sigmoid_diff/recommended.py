@@ -25,7 +25,8 @@ VOCAB_AND_NORMS_UNGATED: list[dict[str, Any]] = [
 
 # The donor's diff off the target drift's top singular directions (half of its energy) on both
 # sides, (1 − U Uᵀ) D (1 − V Vᵀ): behind the input side alone on the LoRA chat pair (0.36–0.47
-# against 0.42–0.48) and ahead of it on all-layer drifts and full fine-tunes (docs/real/frontier.md)
+# against 0.42–0.48), ahead of it on all-layer drifts, and on full fine-tunes ahead or not ranked
+# where the figures are lower bounds (docs/real/frontier.md)
 _PROJECTION = {"gate": VOCAB_AND_NORMS_UNGATED, "protect_subspace": "both", "protect_energy": 0.5}
 
 RECOMMENDED: dict[str, dict[str, Any]] = {
